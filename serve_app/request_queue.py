@@ -1,0 +1,115 @@
+"""Three bounded FIFO queues with aging: the dispatch policy, free of Ray, HTTP and asyncio.
+
+Time is always passed in, so the policy can be tested without sleeping.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import deque
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from serve_app.priority import Priority
+
+
+@dataclass(frozen=True)
+class ClassLimits:
+    max_queue_len: int
+    max_wait_s: float
+
+
+@dataclass(eq=False)
+class Waiter:
+    """One queued request; `payload` is whatever the caller needs to wake it."""
+
+    priority: Priority
+    enqueued_at: float
+    seq: int
+    payload: Any = field(default=None, repr=False)
+
+    def waited(self, now: float) -> float:
+        return now - self.enqueued_at
+
+
+class QueueFull(Exception):
+    def __init__(self, priority: Priority, retry_after_s: int) -> None:
+        super().__init__(f"the {priority.label} priority queue is full")
+        self.priority = priority
+        self.retry_after_s = retry_after_s
+
+
+class PriorityRequestQueue:
+    """Pops high before medium before low, but a waiter gains one class per `aging_s` waited.
+
+    Aging means a low request that has waited 2 * aging_s competes as a fresh high one, so a
+    steady stream of high traffic cannot starve low forever. Within a class the order is FIFO.
+    """
+
+    def __init__(self, limits: Mapping[Priority, ClassLimits], aging_s: float) -> None:
+        if aging_s <= 0:
+            raise ValueError("aging_s must be positive")
+        missing = set(Priority) - set(limits)
+        if missing:
+            raise ValueError(f"limits missing for {sorted(p.label for p in missing)}")
+        self.limits = dict(limits)
+        self.aging_s = aging_s
+        self._queues: dict[Priority, deque[Waiter]] = {p: deque() for p in Priority}
+        self._seq = itertools.count()
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+    def __iter__(self) -> Iterator[Waiter]:
+        for queue in self._queues.values():
+            yield from queue
+
+    def depth(self, priority: Priority) -> int:
+        return len(self._queues[priority])
+
+    def push(self, priority: Priority, now: float, payload: Any = None, retry_after_s: int = 1) -> Waiter:
+        """Raises QueueFull, carrying the caller's Retry-After estimate, when the class is at its bound."""
+        queue = self._queues[priority]
+        if len(queue) >= self.limits[priority].max_queue_len:
+            raise QueueFull(priority, retry_after_s)
+        waiter = Waiter(priority, now, next(self._seq), payload)
+        queue.append(waiter)
+        return waiter
+
+    def effective_rank(self, waiter: Waiter, now: float) -> float:
+        return waiter.priority - waiter.waited(now) / self.aging_s
+
+    def pop(self, now: float) -> Waiter | None:
+        """Only class heads compete: within a class the head has always waited longest."""
+        heads = [q[0] for q in self._queues.values() if q]
+        if not heads:
+            return None
+        best = min(heads, key=lambda w: (self.effective_rank(w, now), w.seq))
+        self._queues[best.priority].popleft()
+        return best
+
+    def remove(self, waiter: Waiter) -> bool:
+        """Drop a waiter whose client went away; False if it already left the queue."""
+        try:
+            self._queues[waiter.priority].remove(waiter)
+        except ValueError:
+            return False
+        return True
+
+    def pop_expired(self, now: float) -> list[Waiter]:
+        """Remove and return every waiter that has waited past its class's max wait."""
+        expired: list[Waiter] = []
+        for priority, queue in self._queues.items():
+            max_wait = self.limits[priority].max_wait_s
+            while queue and queue[0].waited(now) >= max_wait:
+                expired.append(queue.popleft())
+        return expired
+
+
+def estimate_retry_after(queued_ahead: int, capacity: int, mean_service_s: float, max_wait_s: float) -> int:
+    """Seconds until a slot is likely free: the work ahead spread over the slots, at least 1, at most the max wait."""
+    slots = max(capacity, 1)
+    estimate = (queued_ahead / slots + 1) * max(mean_service_s, 0.0)
+    return int(min(max(math.ceil(estimate), 1), max(math.ceil(max_wait_s), 1)))
