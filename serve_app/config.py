@@ -1,0 +1,111 @@
+"""Typed application arguments: what a YAML config's `args:` may say, validated before anything starts."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from serve_app.model_files import DEFAULT_MODEL_ID, DEFAULT_MODEL_SOURCE
+from serve_app.priority import Priority
+from serve_app.request_queue import ClassLimits
+
+
+class StrictModel(BaseModel):
+    """Unknown keys are errors: a misspelt option in YAML must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ClassQueueConfig(StrictModel):
+    max_queue_len: int = Field(256, ge=0, description="requests that may wait in this class; more get 429")
+    max_wait_s: float = Field(60.0, gt=0, description="a request waiting longer gets 429 with Retry-After")
+
+
+class QueueConfig(StrictModel):
+    high: ClassQueueConfig = ClassQueueConfig(max_queue_len=512, max_wait_s=30.0)
+    medium: ClassQueueConfig = ClassQueueConfig()
+    low: ClassQueueConfig = ClassQueueConfig(max_wait_s=120.0)
+    aging_s: float = Field(10.0, gt=0, description="waiting this long raises a request by one class")
+
+    def limits(self) -> dict[Priority, ClassLimits]:
+        return {p: ClassLimits(**getattr(self, p.label).model_dump()) for p in Priority}
+
+
+class AutoscalingConfig(StrictModel):
+    """Ray Serve scales replicas so each has about `target_ongoing_requests`; the router never sends a replica
+    more than `max_ongoing_requests`, so a busy replica sits above target and triggers a scale-up."""
+
+    min_replicas: int = Field(1, ge=1, description="at least 1: the router holds queued work where the autoscaler cannot see it")
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(8, gt=0)
+    max_ongoing_requests: int = Field(16, ge=1)
+    upscale_delay_s: float = Field(10.0, ge=0)
+    downscale_delay_s: float = Field(120.0, ge=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        if self.target_ongoing_requests >= self.max_ongoing_requests:
+            raise ValueError("target_ongoing_requests must be below max_ongoing_requests, or replicas never scale up")
+        return self
+
+    def ray_config(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"max_ongoing_requests"})
+
+
+class LLMConfig(StrictModel):
+    model_id: str = Field(DEFAULT_MODEL_ID, description="the name clients put in `model`")
+    model_source: str = Field(DEFAULT_MODEL_SOURCE, description="local folder, hub id, or the builtin default")
+    accelerator: Literal["cpu", "gpu"] = "cpu"
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="`vllm serve` options by their argument names, e.g. max_model_len"
+    )
+    env_vars: dict[str, str] = Field(default_factory=dict, description="environment of each engine replica")
+    num_cpus: float = Field(1.0, ge=0)
+    autoscaling: AutoscalingConfig = AutoscalingConfig()
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return int(self.engine_kwargs.get("tensor_parallel_size", 1))
+
+    @model_validator(mode="after")
+    def _gpu_only_options(self) -> LLMConfig:
+        if self.accelerator == "cpu" and self.tensor_parallel_size > 1:
+            raise ValueError("tensor_parallel_size > 1 needs accelerator: gpu")
+        return self
+
+    def deployment_options(self) -> dict[str, Any]:
+        """One GPU per replica; with tensor parallelism, a placement group of one bundle per GPU."""
+        env = {"VLLM_CPU_KVCACHE_SPACE": "1"} if self.accelerator == "cpu" else {}
+        env.update(self.env_vars)
+        actor: dict[str, Any] = {"num_cpus": self.num_cpus, "runtime_env": {"env_vars": env}}
+        options: dict[str, Any] = {
+            "autoscaling_config": self.autoscaling.ray_config(),
+            "max_ongoing_requests": self.autoscaling.max_ongoing_requests,
+            "health_check_period_s": 10,
+            "health_check_timeout_s": 60,
+            "graceful_shutdown_timeout_s": 30,
+        }
+        if self.accelerator == "gpu" and self.tensor_parallel_size > 1:
+            bundles = [{"CPU": self.num_cpus, "GPU": 1}] + [{"GPU": 1}] * (self.tensor_parallel_size - 1)
+            options["placement_group_bundles"] = bundles
+            options["placement_group_strategy"] = "PACK"
+            actor.pop("num_cpus")
+        elif self.accelerator == "gpu":
+            actor["num_gpus"] = 1
+        else:
+            actor["num_gpus"] = 0
+        options["ray_actor_options"] = actor
+        return options
+
+
+class AppArgs(StrictModel):
+    llm: LLMConfig = LLMConfig()
+    queue: QueueConfig = QueueConfig()
+    capacity_poll_s: float = Field(1.0, gt=0, description="how often the router re-reads the replica count")
+    metrics_flush_s: float = Field(0.5, gt=0, description="how often the router sends finished requests to metrics")
+    otel_exporter: Literal["none", "console", "otlp"] = Field(
+        "none", description="also export the figures through OpenTelemetry"
+    )

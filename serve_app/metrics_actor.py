@@ -1,0 +1,42 @@
+"""The single Metrics replica: collects every finished request and serves the figures."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+
+from serve_app.otel import OtelBridge
+from serve_app.stats import GatewayStats, RequestRecord
+
+
+class Metrics:
+    """Async methods, so every update runs on the replica's one event loop and needs no lock."""
+
+    def __init__(self, otel_exporter: str = "none") -> None:
+        self.stats = GatewayStats()
+        self.otel = OtelBridge(otel_exporter) if otel_exporter != "none" else None
+
+    async def record(self, records: list[dict[str, Any]], router_state: dict[str, Any]) -> int:
+        parsed = [RequestRecord(**r) for r in records]
+        self.stats.add_many(parsed)
+        self.stats.router_state = router_state
+        if self.otel:
+            for record in parsed:
+                self.otel.record(record)
+        return len(parsed)
+
+    async def summary(self) -> dict[str, Any]:
+        return self.stats.summary()
+
+    async def prometheus(self) -> str:
+        return self.stats.prometheus()
+
+    def __del__(self) -> None:
+        if self.otel:
+            self.otel.shutdown()
+
+
+MetricsDeployment = serve.deployment(
+    Metrics, name="Metrics", num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000
+)
