@@ -32,6 +32,10 @@ class QueueConfig(StrictModel):
         return {p: ClassLimits(**getattr(self, p.label).model_dump()) for p in Priority}
 
 
+# Calls beyond generation (health, model list) that a full replica must still accept.
+CONTROL_CALL_HEADROOM = 4
+
+
 class AutoscalingConfig(StrictModel):
     """Ray Serve scales replicas so each has about `target_ongoing_requests`; the router never sends a replica
     more than `max_ongoing_requests`, so a busy replica sits above target and triggers a scale-up."""
@@ -83,7 +87,7 @@ class LLMConfig(StrictModel):
         actor: dict[str, Any] = {"num_cpus": self.num_cpus, "runtime_env": {"env_vars": env}}
         options: dict[str, Any] = {
             "autoscaling_config": self.autoscaling.ray_config(),
-            "max_ongoing_requests": self.autoscaling.max_ongoing_requests,
+            "max_ongoing_requests": self.autoscaling.max_ongoing_requests + CONTROL_CALL_HEADROOM,
             "health_check_period_s": 10,
             "health_check_timeout_s": 60,
             "graceful_shutdown_timeout_s": 30,

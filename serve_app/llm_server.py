@@ -62,6 +62,10 @@ class LLMServer:
     async def check_health(self) -> None:
         await self.engine.check_health()
 
+    async def num_unfinished(self) -> int:
+        """Requests the engine still holds; the tests use it to see that aborts reach the engine."""
+        return self.engine.get_num_unfinished_requests()
+
     async def models(self) -> dict[str, Any]:
         listing = await self.state.openai_serving_models.show_available_models()
         return listing.model_dump()

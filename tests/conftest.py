@@ -1,0 +1,83 @@
+"""One real gateway (Ray Serve + vLLM on CPU) per test session, on its own port.
+
+Capacity is made tiny on purpose (one replica, one ongoing request) so that queueing and
+priority order are deterministic: the second concurrent request always waits in the router.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+GATEWAY_PORT = int(os.environ.get("SERVE_APP_TEST_PORT", "8321"))
+APP_NAME = "gateway"
+MODEL_ID = "smollm2-135m-instruct"
+READY_TIMEOUT_S = 600
+
+TEST_ARGS = {
+    "llm": {
+        "engine_kwargs": {"max_model_len": 2048, "max_num_seqs": 8},
+        "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 0.5, "max_ongoing_requests": 1},
+    },
+    "queue": {
+        "aging_s": 120,
+        "high": {"max_queue_len": 8, "max_wait_s": 60},
+        "medium": {"max_queue_len": 8, "max_wait_s": 60},
+        "low": {"max_queue_len": 3, "max_wait_s": 60},
+    },
+    "metrics_flush_s": 0.2,
+    "capacity_poll_s": 0.5,
+}
+
+
+@pytest.fixture(scope="session")
+def gateway() -> Iterator[str]:
+    import ray
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    ray.init(num_cpus=4, include_dashboard=False, namespace="serve", log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": GATEWAY_PORT})
+    serve.run(build_app(TEST_ARGS), name=APP_NAME, route_prefix="/", blocking=False)
+    base_url = f"http://127.0.0.1:{GATEWAY_PORT}"
+    started = time.monotonic()
+    try:
+        wait_until_ready(base_url, started)
+        print(f"\ngateway ready in {time.monotonic() - started:.1f}s")
+        yield base_url
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def wait_until_ready(base_url: str, started: float) -> None:
+    last = None
+    while time.monotonic() - started < READY_TIMEOUT_S:
+        try:
+            last = httpx.get(f"{base_url}/health", timeout=5)
+            if last.status_code == 200:
+                return
+        except httpx.HTTPError as exc:
+            last = exc
+        time.sleep(1)
+    raise RuntimeError(f"gateway not ready after {READY_TIMEOUT_S}s: {last}")
+
+
+def stats(base_url: str) -> dict:
+    response = httpx.get(f"{base_url}/v1/stats", timeout=10)
+    response.raise_for_status()
+    return response.json()
+
+
+def wait_for(predicate, timeout_s: float = 20.0, interval_s: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return False

@@ -1,0 +1,71 @@
+"""Every shipped YAML config must pass Ray Serve's schema, our AppArgs, and vLLM's own flag parser."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from serve_app.app import build_app
+from serve_app.config import AppArgs, AutoscalingConfig, LLMConfig
+from serve_app.engine_args import parse_serve_args, to_cli
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def test_there_are_cpu_and_gpu_configs():
+    names = {p.name for p in CONFIGS}
+    assert {"local.yaml", "gpu-qwen3-0.6b.yaml", "gpu-qwen3-vl-8b-gptq.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_validates(path: Path):
+    raw = yaml.safe_load(path.read_text())
+    schema = ServeDeploySchema.model_validate(raw) if hasattr(ServeDeploySchema, "model_validate") else None
+    schema = schema or ServeDeploySchema.parse_obj(raw)
+    (app,) = schema.applications
+    assert app.import_path == "serve_app.app:build_app"
+    args = AppArgs.model_validate(app.args)
+    build_app(args)  # binds the graph without starting anything
+    options = args.llm.deployment_options()
+    assert options["autoscaling_config"]["max_replicas"] >= options["autoscaling_config"]["min_replicas"]
+    serve_args = parse_serve_args("/models/placeholder", args.llm.model_id, args.llm.engine_kwargs)
+    assert serve_args.scheduling_policy == "priority"
+    if args.llm.accelerator == "gpu":
+        assert options["ray_actor_options"]["num_gpus"] == 1
+        assert serve_args.reasoning_parser == "qwen3"
+        assert serve_args.max_num_seqs and serve_args.max_num_batched_tokens
+    else:
+        assert options["ray_actor_options"]["num_gpus"] == 0
+
+
+def test_tensor_parallel_gets_a_placement_group_of_gpus():
+    llm = LLMConfig(accelerator="gpu", engine_kwargs={"tensor_parallel_size": 2})
+    options = llm.deployment_options()
+    assert options["placement_group_bundles"] == [{"CPU": 1.0, "GPU": 1}, {"GPU": 1}]
+    assert "num_gpus" not in options["ray_actor_options"]
+    with pytest.raises(ValueError, match="accelerator: gpu"):
+        LLMConfig(engine_kwargs={"tensor_parallel_size": 2})
+
+
+def test_autoscaling_defaults_really_scale_and_bad_bounds_are_refused():
+    default = AutoscalingConfig()
+    assert default.max_replicas > default.min_replicas
+    assert default.target_ongoing_requests < default.max_ongoing_requests < 1000
+    with pytest.raises(ValueError):
+        AutoscalingConfig(target_ongoing_requests=32, max_ongoing_requests=32)
+    with pytest.raises(ValueError):
+        AutoscalingConfig(min_replicas=3, max_replicas=2)
+
+
+def test_misspelt_option_is_an_error():
+    with pytest.raises(ValueError, match="extra"):
+        AppArgs.model_validate({"llm": {"modle_id": "x"}})
+
+
+def test_engine_options_become_vllm_flags():
+    argv = to_cli({"max_model_len": 2048, "enforce_eager": True, "enable_prefix_caching": False, "x": None})
+    assert argv == ["--max-model-len", "2048", "--enforce-eager", "--no-enable-prefix-caching"]
+    assert to_cli({"limit_mm_per_prompt": {"image": 4}}) == ["--limit-mm-per-prompt", '{"image": 4}']

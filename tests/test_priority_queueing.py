@@ -1,0 +1,117 @@
+"""Queueing on the real gateway, whose capacity is one request at a time (see conftest)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import asynccontextmanager
+
+import httpx
+import pytest
+from conftest import APP_NAME, MODEL_ID, stats, wait_for
+
+pytestmark = pytest.mark.engine
+
+LONG = {  # generates for many seconds unless aborted
+    "model": MODEL_ID,
+    "messages": [{"role": "user", "content": "Tell me a very long story."}],
+    "max_tokens": 1900,
+    "ignore_eos": True,
+    "stream": True,
+}
+SHORT = {"model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": True}
+
+
+@asynccontextmanager
+async def slot_holder(http: httpx.AsyncClient):
+    """Holds the gateway's only slot with a long stream until the block exits, then disconnects."""
+    async with http.stream("POST", "/v1/chat/completions", json=LONG, headers={"X-Priority": "low"}) as response:
+        assert response.status_code == 200
+        lines = response.aiter_lines()
+        while not (await anext(lines)).startswith("data: "):
+            pass
+        yield
+
+
+def queued(base_url: str) -> dict[str, int]:
+    router = stats(base_url)["router"]
+    return {p: router[f"queued_{p}"] for p in ("high", "medium", "low")}
+
+
+async def first_chunk_time(http: httpx.AsyncClient, priority: str) -> float:
+    async with http.stream("POST", "/v1/chat/completions", json=SHORT, headers={"X-Priority": priority}) as response:
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            if line.startswith("data: "):
+                started = time.monotonic()
+                async for _ in response.aiter_lines():
+                    pass
+                return started
+    raise AssertionError("no data")
+
+
+async def until(predicate, timeout_s: float = 20.0) -> None:
+    assert await asyncio.to_thread(wait_for, predicate, timeout_s), "condition not reached in time"
+
+
+async def test_high_starts_before_queued_lows(gateway):
+    async with httpx.AsyncClient(base_url=gateway, timeout=120) as http:
+        async with slot_holder(http):
+            lows = []
+            for _ in range(3):
+                lows.append(asyncio.create_task(first_chunk_time(http, "low")))
+                await until(lambda n=len(lows): queued(gateway)["low"] == n)
+            high = asyncio.create_task(first_chunk_time(http, "high"))
+            await until(lambda: queued(gateway)["high"] == 1)
+        # The holder disconnected: its slot goes to the queue's pick, one request at a time.
+        high_started = await high
+        low_started = await asyncio.gather(*lows)
+    assert high_started < min(low_started), "the high request must start before every queued low one"
+    assert low_started == sorted(low_started), "lows are served first in, first out"
+
+
+async def test_full_queue_answers_429_with_retry_after(gateway):
+    before = stats(gateway)["priorities"]["low"]["rejected"]
+    async with httpx.AsyncClient(base_url=gateway, timeout=120) as http:
+        async with slot_holder(http):
+            waiting = [asyncio.create_task(first_chunk_time(http, "low")) for _ in range(3)]
+            await until(lambda: queued(gateway)["low"] == 3)
+            rejected = await http.post("/v1/chat/completions", json=SHORT, headers={"X-Priority": "low"})
+            assert rejected.status_code == 429
+            assert int(rejected.headers["retry-after"]) >= 1
+            assert rejected.json()["error"]["type"] == "RateLimitError"
+            # Other classes have their own bounds: a medium request is still queued, not rejected.
+            medium = asyncio.create_task(first_chunk_time(http, "medium"))
+            await until(lambda: queued(gateway)["medium"] == 1)
+        await asyncio.gather(medium, *waiting)
+    after = stats(gateway)["priorities"]["low"]
+    assert after["rejected"] - before == 1
+    assert after["errors_by_kind"].get("rejected:queue_full", 0) >= 1
+
+
+async def test_client_gone_while_queued_leaves_the_queue(gateway):
+    before = stats(gateway)["priorities"]["medium"]["cancelled"]
+    async with httpx.AsyncClient(base_url=gateway, timeout=120) as http:
+        async with slot_holder(http):
+            waiter = asyncio.create_task(first_chunk_time(http, "medium"))
+            await until(lambda: queued(gateway)["medium"] == 1)
+            waiter.cancel()
+            await until(lambda: queued(gateway)["medium"] == 0, timeout_s=5)
+    await until(lambda: stats(gateway)["priorities"]["medium"]["cancelled"] - before == 1)
+
+
+async def test_client_gone_mid_generation_aborts_the_engine_request(gateway):
+    from ray import serve
+
+    llm = serve.get_deployment_handle("LLMServer", APP_NAME)
+    async with httpx.AsyncClient(base_url=gateway, timeout=120) as http:
+        async with slot_holder(http):
+            assert await llm.num_unfinished.remote() == 1
+        # 1900 tokens take far longer than this: only an abort empties the engine so soon.
+        deadline = time.monotonic() + 3
+        while await llm.num_unfinished.remote() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert await llm.num_unfinished.remote() == 0
+        assert stats(gateway)["router"]["in_flight"] == 0
+        response = await http.post("/v1/chat/completions", json={**SHORT, "stream": False})
+        assert response.status_code == 200

@@ -1,0 +1,32 @@
+from serve_app.errors import GatewayError
+from serve_app.priority import Priority
+from serve_app.request_body import engine_body
+
+
+def test_priority_becomes_vllm_integer_and_input_is_not_mutated():
+    body = {"messages": [], "priority": "low"}
+    out = engine_body(body, Priority.LOW)
+    assert out["priority"] == 2 and body["priority"] == "low"
+
+
+def test_thinking_flags_move_into_chat_template_kwargs():
+    assert engine_body({"enable_thinking": False}, Priority.HIGH)["chat_template_kwargs"] == {"enable_thinking": False}
+    out = engine_body({"return_reasoning": True}, Priority.HIGH)
+    assert out["chat_template_kwargs"] == {"enable_thinking": True} and "return_reasoning" not in out
+    explicit = engine_body({"enable_thinking": True, "chat_template_kwargs": {"enable_thinking": False}}, Priority.HIGH)
+    assert explicit["chat_template_kwargs"] == {"enable_thinking": False}
+
+
+def test_untouched_without_thinking_flags():
+    assert "chat_template_kwargs" not in engine_body({"messages": []}, Priority.MEDIUM)
+
+
+def test_gateway_error_is_openai_shaped_and_survives_pickling():
+    import pickle
+
+    error = GatewayError(429, "queue full", retry_after_s=3, kind="queue_full")
+    copy = pickle.loads(pickle.dumps(error))
+    assert (copy.status, copy.retry_after_s, copy.kind) == (429, 3, "queue_full")
+    assert copy.body() == {"error": {"message": "queue full", "type": "RateLimitError", "param": None, "code": 429}}
+    response = copy.response()
+    assert response.status_code == 429 and response.headers["retry-after"] == "3"
