@@ -261,8 +261,9 @@ class Router:
         while True:
             try:
                 status = await asyncio.to_thread(serve.status)
-                states = status.applications[app_name].deployments[LLM_DEPLOYMENT].replica_states
-                self.replicas = int(states.get("RUNNING", 0))
+                app = status.applications.get(app_name)
+                deployment = app.deployments.get(LLM_DEPLOYMENT) if app else None
+                self.replicas = int(deployment.replica_states.get("RUNNING", 0)) if deployment else 0
                 self.admission.set_capacity(self.replicas * per_replica)
             except Exception:
                 logger.exception("could not read the LLM replica count")

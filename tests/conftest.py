@@ -41,11 +41,11 @@ def gateway() -> Iterator[str]:
 
     from serve_app.app import build_app
 
-    ray.init(num_cpus=4, include_dashboard=False, namespace="serve", log_to_driver=False)
+    ray.init(num_cpus=4, include_dashboard=False, namespace="serve", log_to_driver=os.environ.get("SERVE_APP_TEST_LOGS") == "1")
+    started = time.monotonic()
     serve.start(http_options={"host": "127.0.0.1", "port": GATEWAY_PORT})
     serve.run(build_app(TEST_ARGS), name=APP_NAME, route_prefix="/", blocking=False)
     base_url = f"http://127.0.0.1:{GATEWAY_PORT}"
-    started = time.monotonic()
     try:
         wait_until_ready(base_url, started)
         print(f"\ngateway ready in {time.monotonic() - started:.1f}s")

@@ -39,15 +39,14 @@ def queued(base_url: str) -> dict[str, int]:
 
 
 async def first_chunk_time(http: httpx.AsyncClient, priority: str) -> float:
+    started = None
     async with http.stream("POST", "/v1/chat/completions", json=SHORT, headers={"X-Priority": priority}) as response:
         assert response.status_code == 200
         async for line in response.aiter_lines():
-            if line.startswith("data: "):
+            if started is None and line.startswith("data: "):
                 started = time.monotonic()
-                async for _ in response.aiter_lines():
-                    pass
-                return started
-    raise AssertionError("no data")
+    assert started is not None, "no data"
+    return started
 
 
 async def until(predicate, timeout_s: float = 20.0) -> None:
