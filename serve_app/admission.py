@@ -58,9 +58,7 @@ class Admission:
 
     def retry_after(self, priority: Priority) -> int:
         ahead = sum(self.queue.depth(p) for p in Priority if p <= priority)
-        return estimate_retry_after(
-            ahead, self.capacity, self._mean_service_s, self.queue.limits[priority].max_wait_s
-        )
+        return estimate_retry_after(ahead, self.capacity, self._mean_service_s, self.queue.limits[priority].max_wait_s)
 
     async def acquire(self, priority: Priority) -> Slot:
         """Wait for a slot. Raises NotReady, QueueFull or QueueTimeout; cancellation leaves the queue at once."""

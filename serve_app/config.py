@@ -40,7 +40,9 @@ class AutoscalingConfig(StrictModel):
     """Ray Serve scales replicas so each has about `target_ongoing_requests`; the router never sends a replica
     more than `max_ongoing_requests`, so a busy replica sits above target and triggers a scale-up."""
 
-    min_replicas: int = Field(1, ge=1, description="at least 1: the router holds queued work where the autoscaler cannot see it")
+    min_replicas: int = Field(
+        1, ge=1, description="at least 1: the router holds queued work where the autoscaler cannot see it"
+    )
     max_replicas: int = Field(2, ge=1)
     target_ongoing_requests: float = Field(8, gt=0)
     max_ongoing_requests: int = Field(16, ge=1)

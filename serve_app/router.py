@@ -186,13 +186,15 @@ class Router:
             flight.slot = await self.admission.acquire(priority)
         except QueueFull as exc:
             flight.finish("rejected", "queue_full")
-            raise GatewayError(429, f"{exc}; retry later", retry_after_s=exc.retry_after_s, kind="queue_full")
+            raise GatewayError(429, f"{exc}; retry later", retry_after_s=exc.retry_after_s, kind="queue_full") from None
         except QueueTimeout as exc:
             flight.finish("rejected", "queue_timeout")
-            raise GatewayError(429, f"{exc}; retry later", retry_after_s=exc.retry_after_s, kind="queue_timeout")
+            raise GatewayError(
+                429, f"{exc}; retry later", retry_after_s=exc.retry_after_s, kind="queue_timeout"
+            ) from None
         except NotReady as exc:
             flight.finish("rejected", "not_ready")
-            raise GatewayError(503, str(exc), retry_after_s=NOT_READY_RETRY_S, kind="not_ready")
+            raise GatewayError(503, str(exc), retry_after_s=NOT_READY_RETRY_S, kind="not_ready") from None
         except asyncio.CancelledError:
             flight.finish("cancelled", "client_gone_while_queued")
             raise
@@ -205,7 +207,7 @@ class Router:
         except Exception as exc:
             logger.exception("LLM replica failed before answering")
             flight.finish("error", "engine_error")
-            raise GatewayError(500, f"the model replica failed: {type(exc).__name__}", kind="engine_error")
+            raise GatewayError(500, f"the model replica failed: {type(exc).__name__}", kind="engine_error") from exc
         if head.body is None:
             return flight, head
         if head.status >= 400:

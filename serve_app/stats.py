@@ -141,7 +141,9 @@ class GatewayStats:
         header("gateway_requests_total", "counter", "Requests that ended, by priority and outcome")
         for label, stats in self.classes.items():
             for outcome in OUTCOMES:
-                lines.append(f'gateway_requests_total{{priority="{label}",outcome="{outcome}"}} {stats.outcomes[outcome]}')
+                lines.append(
+                    f'gateway_requests_total{{priority="{label}",outcome="{outcome}"}} {stats.outcomes[outcome]}'
+                )
         header("gateway_admitted_total", "counter", "Requests that got a replica slot")
         for label, stats in self.classes.items():
             lines.append(f'gateway_admitted_total{{priority="{label}"}} {stats.admitted}')
@@ -156,7 +158,7 @@ class GatewayStats:
             for label, stats in self.classes.items():
                 hist = stats.histograms[name]
                 cumulative = 0
-                for bound, count in zip([*buckets, math.inf], hist.counts):
+                for bound, count in zip([*buckets, math.inf], hist.counts, strict=True):
                     cumulative += count
                     le = "+Inf" if bound == math.inf else repr(float(bound))
                     lines.append(f'{metric}_bucket{{priority="{label}",le="{le}"}} {cumulative}')

@@ -21,7 +21,12 @@ READY_TIMEOUT_S = 600
 TEST_ARGS = {
     "llm": {
         "engine_kwargs": {"max_model_len": 2048, "max_num_seqs": 8},
-        "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 0.5, "max_ongoing_requests": 1},
+        "autoscaling": {
+            "min_replicas": 1,
+            "max_replicas": 1,
+            "target_ongoing_requests": 0.5,
+            "max_ongoing_requests": 1,
+        },
     },
     "queue": {
         "aging_s": 120,
@@ -41,7 +46,12 @@ def gateway() -> Iterator[str]:
 
     from serve_app.app import build_app
 
-    ray.init(num_cpus=4, include_dashboard=False, namespace="serve", log_to_driver=os.environ.get("SERVE_APP_TEST_LOGS") == "1")
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        namespace="serve",
+        log_to_driver=os.environ.get("SERVE_APP_TEST_LOGS") == "1",
+    )
     started = time.monotonic()
     serve.start(http_options={"host": "127.0.0.1", "port": GATEWAY_PORT})
     serve.run(build_app(TEST_ARGS), name=APP_NAME, route_prefix="/", blocking=False)

@@ -91,7 +91,9 @@ def test_bad_requests_get_openai_error_json(gateway):
     good = {"model": MODEL_ID, "messages": CHAT, "max_tokens": 4}
     assert_openai_error(httpx.post(url, json=good, headers={"X-Priority": "urgent"}), 400, param="priority")
     assert_openai_error(httpx.post(url, json={**good, "priority": 3}), 400, param="priority")
-    error = assert_openai_error(httpx.post(url, content=b"{not json", headers={"content-type": "application/json"}), 400)
+    error = assert_openai_error(
+        httpx.post(url, content=b"{not json", headers={"content-type": "application/json"}), 400
+    )
     assert "JSON" in error["message"]
     assert_openai_error(httpx.post(url, json=[1, 2]), 400)
     error = assert_openai_error(httpx.post(url, json={**good, "max_tokens": 100_000}, timeout=60), 400)

@@ -57,9 +57,9 @@ async def test_high_starts_before_queued_lows(gateway):
     async with httpx.AsyncClient(base_url=gateway, timeout=120) as http:
         async with slot_holder(http):
             lows = []
-            for _ in range(3):
+            for n in range(1, 4):
                 lows.append(asyncio.create_task(first_chunk_time(http, "low")))
-                await until(lambda n=len(lows): queued(gateway)["low"] == n)
+                await until(lambda n=n: queued(gateway)["low"] == n)
             high = asyncio.create_task(first_chunk_time(http, "high"))
             await until(lambda: queued(gateway)["high"] == 1)
         # The holder disconnected: its slot goes to the queue's pick, one request at a time.

@@ -11,8 +11,12 @@ def test_counts_and_histograms_per_priority():
     stats = GatewayStats()
     stats.add_many(
         [
-            RequestRecord("high", "completed", admitted=True, queue_wait_s=0.0, ttft_s=0.1, e2e_s=0.5, output_tokens=10),
-            RequestRecord("high", "completed", admitted=True, queue_wait_s=0.2, ttft_s=0.3, e2e_s=1.5, output_tokens=30),
+            RequestRecord(
+                "high", "completed", admitted=True, queue_wait_s=0.0, ttft_s=0.1, e2e_s=0.5, output_tokens=10
+            ),
+            RequestRecord(
+                "high", "completed", admitted=True, queue_wait_s=0.2, ttft_s=0.3, e2e_s=1.5, output_tokens=30
+            ),
             RequestRecord("low", "rejected", kind="queue_full").to_dict(),
             RequestRecord("low", "cancelled", kind="client_gone", admitted=True, queue_wait_s=1.0, e2e_s=2.0),
         ]
