@@ -1,0 +1,1 @@
+"""The benchmark tool: `serve-app-bench --help`."""

@@ -1,0 +1,123 @@
+"""Benchmark figures, defined as `vllm bench serve` defines them.
+
+- TTFT: from sending the request to the first chunk that carries generated text.
+- E2EL: from sending the request to the end of its stream.
+- TPOT: per request, (E2EL - TTFT) / (output tokens - 1), for requests with more than one token.
+- ITL: the gaps between successive text chunks of a request, pooled over all requests.
+- Throughput: successful requests, and their output tokens (from the server's usage), per second
+  of the step's wall time. Goodput: successful requests per second that met every SLO given.
+In open loop, TTFT and E2EL are also measured from the *intended* send time, so a client that
+falls behind its schedule cannot hide the wait (coordinated omission); the difference is client lag.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from serve_app.bench.clients import RequestResult
+from serve_app.stats import percentile
+
+PERCENTILES = (50, 90, 95, 99)
+CLIENT_LAG_BOUND_S = 0.05  # p95 client lag above this flags a run where the client was the bottleneck
+SLO_KEYS = ("ttft_ms", "tpot_ms", "e2el_ms")
+
+
+def parse_slo(text: str | None) -> dict[str, float]:
+    """`ttft_ms=500,tpot_ms=50` -> {"ttft_ms": 500.0, "tpot_ms": 50.0}."""
+    if not text:
+        return {}
+    slo = {}
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        key = key.strip()
+        if key not in SLO_KEYS or not value:
+            raise ValueError(f"SLO entry {part!r}: use {', '.join(k + '=N' for k in SLO_KEYS)}")
+        slo[key] = float(value)
+    return slo
+
+
+def distribution(values: Iterable[float], scale: float = 1000.0) -> dict[str, float | None]:
+    """Mean and percentiles, in milliseconds by default."""
+    ordered = sorted(v * scale for v in values)
+    out: dict[str, float | None] = {"mean": sum(ordered) / len(ordered) if ordered else None}
+    for p in PERCENTILES:
+        out[f"p{p}"] = percentile(ordered, p)
+    return out
+
+
+def output_tokens(result: RequestResult) -> int:
+    """The server's usage count; the number of text chunks only if the server sent no usage."""
+    return result.output_tokens if result.output_tokens is not None else len(result.chunk_times)
+
+
+def ttft(result: RequestResult) -> float | None:
+    return None if result.first_token_at is None else result.first_token_at - result.sent_at
+
+
+def e2el(result: RequestResult) -> float:
+    return result.end_at - result.sent_at
+
+
+def tpot(result: RequestResult) -> float | None:
+    first, tokens = ttft(result), output_tokens(result)
+    if first is None or tokens < 2:
+        return None
+    return (e2el(result) - first) / (tokens - 1)
+
+
+def itls(result: RequestResult) -> list[float]:
+    times = result.chunk_times
+    return [b - a for a, b in zip(times, times[1:], strict=False)]
+
+
+def meets_slo(result: RequestResult, slo: dict[str, float]) -> bool:
+    checks = {"ttft_ms": ttft(result), "tpot_ms": tpot(result), "e2el_ms": e2el(result)}
+    return all(checks[k] is not None and checks[k] * 1000 <= limit for k, limit in slo.items())
+
+
+def summarize(
+    results: Sequence[RequestResult], duration_s: float, slo: dict[str, float], by_priority: bool = True
+) -> dict[str, Any]:
+    ok = [r for r in results if r.outcome == "ok"]
+    open_loop = any(r.intended_at is not None for r in results)
+    outcomes = Counter(r.outcome for r in results)
+    errors = Counter((r.error or "").split(":", 1)[0] for r in results if r.outcome != "ok")
+    summary: dict[str, Any] = {
+        "requests": len(results),
+        "completed": len(ok),
+        "outcomes": {k: outcomes.get(k, 0) for k in ("ok", "rate_limited", "timeout", "error")},
+        "errors_by_kind": dict(errors),
+        "duration_s": duration_s,
+        "request_throughput": len(ok) / duration_s if duration_s else 0.0,
+        "output_token_throughput": sum(output_tokens(r) for r in ok) / duration_s if duration_s else 0.0,
+        "total_output_tokens": sum(output_tokens(r) for r in ok),
+        "ttft_ms": distribution(v for r in ok if (v := ttft(r)) is not None),
+        "tpot_ms": distribution(v for r in ok if (v := tpot(r)) is not None),
+        "itl_ms": distribution(v for r in ok for v in itls(r)),
+        "e2el_ms": distribution(e2el(r) for r in ok),
+    }
+    if slo:
+        good = sum(1 for r in ok if meets_slo(r, slo))
+        summary["slo"] = slo
+        summary["goodput"] = good / duration_s if duration_s else 0.0
+        summary["slo_attainment"] = good / len(results) if results else 0.0
+    if open_loop:
+        lags = [r.sent_at - r.intended_at for r in results if r.intended_at is not None]
+        lag = distribution(lags)
+        summary["client_lag_ms"] = {**lag, "max": max(lags) * 1000}
+        summary["client_bound"] = (lag["p95"] or 0.0) > CLIENT_LAG_BOUND_S * 1000
+        summary["ttft_from_intended_ms"] = distribution(
+            r.first_token_at - r.intended_at for r in ok if r.first_token_at is not None and r.intended_at is not None
+        )
+        summary["e2el_from_intended_ms"] = distribution(
+            r.end_at - r.intended_at for r in ok if r.intended_at is not None
+        )
+    priorities = sorted({r.priority for r in results if r.priority})
+    if by_priority and priorities:
+        summary["per_priority"] = {
+            p: summarize([r for r in results if r.priority == p], duration_s, slo, by_priority=False)
+            for p in priorities
+        }
+    return summary
