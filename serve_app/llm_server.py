@@ -22,6 +22,9 @@ from serve_app.model_files import resolve_model_source
 logger = logging.getLogger("ray.serve")
 
 
+SSE_DONE = "data: [DONE]"
+
+
 @dataclass
 class Head:
     status: int
@@ -30,7 +33,7 @@ class Head:
 
 @dataclass
 class Trailer:
-    """Last item of a stream: the token count the router records even when the client asked for no usage."""
+    """Sent just before `data: [DONE]`: the token count the router records even when the client asked for no usage."""
 
     completion_tokens: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -103,8 +106,10 @@ class LLMServer:
                 trailer.completion_tokens = _completion_tokens(chunk)
                 if not client_wants_usage:
                     continue
+            if chunk.startswith(SSE_DONE):
+                # Before [DONE]: a client may hang up as soon as it sees it.
+                yield trailer
             yield chunk
-        yield trailer
 
 
 def _completion_tokens(sse_chunk: str) -> int | None:

@@ -21,22 +21,24 @@ class MetricsReporter:
         self._flush_s = flush_s
         self._pending: list[dict[str, Any]] = []
         self._last_state: dict[str, Any] | None = None
+        self._lock = asyncio.Lock()  # a flush returns only once everything added before it has landed
 
     def add(self, record: RequestRecord) -> None:
         self._pending.append(record.to_dict())
 
     async def flush(self) -> None:
         """Sends only when there is news: finished requests, or a changed queue picture."""
-        state = self._router_state()
-        if not self._pending and state == self._last_state:
-            return
-        batch, self._pending = self._pending, []
-        try:
-            await self._send(batch, state)
-            self._last_state = state
-        except Exception:  # metrics must never take the router down; keep the batch for the next try
-            logger.exception("sending %d request records to the metrics actor failed", len(batch))
-            self._pending = batch + self._pending
+        async with self._lock:
+            state = self._router_state()
+            if not self._pending and state == self._last_state:
+                return
+            batch, self._pending = self._pending, []
+            try:
+                await self._send(batch, state)
+                self._last_state = state
+            except Exception:  # metrics must never take the router down; keep the batch for the next try
+                logger.exception("sending %d request records to the metrics actor failed", len(batch))
+                self._pending = batch + self._pending
 
     async def run(self) -> None:
         while True:

@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from serve_app.admission import Admission, NotReady, QueueFull, QueueTimeout, Slot
 from serve_app.config import AppArgs
 from serve_app.errors import GatewayError
-from serve_app.llm_server import Head, Trailer
+from serve_app.llm_server import SSE_DONE, Head, Trailer
 from serve_app.metrics_reporter import MetricsReporter
 from serve_app.priority import PRIORITY_HEADER, InvalidPriority, Priority, request_priority
 from serve_app.request_body import engine_body
@@ -227,6 +227,8 @@ class Router:
                     continue
                 if flight.first_chunk_at is None:
                     flight.first_chunk_at = time.monotonic()
+                if item.startswith(SSE_DONE):
+                    flight.finish("completed")  # the answer is whole even if the client hangs up now
                 yield item
             flight.finish("completed")
         except (asyncio.CancelledError, GeneratorExit):
