@@ -35,6 +35,11 @@ class QueueConfig(StrictModel):
 # Calls beyond generation (health, model list) that a full replica must still accept.
 CONTROL_CALL_HEADROOM = 4
 
+# Ray Serve runs user code, and a handle's routing, on event loops of their own threads by default;
+# every streamed chunk then crosses threads. Our replicas never block their loop, so keep one loop:
+# measured on 2 CPU cores, this took the gateway from 0.73x to 0.90x of bare vLLM's throughput.
+SINGLE_LOOP_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+
 
 class AutoscalingConfig(StrictModel):
     """Ray Serve scales replicas so each has about `target_ongoing_requests`; the router never sends a replica
@@ -84,7 +89,9 @@ class LLMConfig(StrictModel):
 
     def deployment_options(self) -> dict[str, Any]:
         """One GPU per replica; with tensor parallelism, a placement group of one bundle per GPU."""
-        env = {"VLLM_CPU_KVCACHE_SPACE": "1"} if self.accelerator == "cpu" else {}
+        env = dict(SINGLE_LOOP_ENV)
+        if self.accelerator == "cpu":
+            env["VLLM_CPU_KVCACHE_SPACE"] = "1"
         env.update(self.env_vars)
         actor: dict[str, Any] = {"num_cpus": self.num_cpus, "runtime_env": {"env_vars": env}}
         options: dict[str, Any] = {

@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from serve_app.admission import Admission, NotReady, QueueFull, QueueTimeout, Slot
-from serve_app.config import AppArgs
+from serve_app.config import SINGLE_LOOP_ENV, AppArgs
 from serve_app.errors import GatewayError
 from serve_app.llm_server import SSE_DONE, Head, Trailer
 from serve_app.metrics_reporter import MetricsReporter
@@ -74,6 +74,7 @@ class InFlight:
 class Router:
     async def __init__(self, llm: DeploymentHandle, metrics: DeploymentHandle, args: AppArgs) -> None:
         self.llm = llm
+        self.llm_stream = llm.options(stream=True)
         self.metrics = metrics
         self.args = args
         self.admission = Admission(PriorityRequestQueue(args.queue.limits(), args.queue.aging_s))
@@ -199,7 +200,7 @@ class Router:
             flight.finish("cancelled", "client_gone_while_queued")
             raise
         try:
-            flight.stream = self.llm.options(stream=True).generate.remote(endpoint, engine_body(body, priority))
+            flight.stream = self.llm_stream.generate.remote(endpoint, engine_body(body, priority))
             head: Head = await flight.stream.__anext__()
         except asyncio.CancelledError:
             flight.finish("cancelled", "client_gone")
@@ -293,5 +294,9 @@ def _priority_or_400(header: str | None, body: dict[str, Any]) -> Priority:
 
 
 RouterDeployment = serve.deployment(
-    Router, name="Router", num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=100_000
+    Router,
+    name="Router",
+    num_replicas=1,
+    ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": SINGLE_LOOP_ENV}},
+    max_ongoing_requests=100_000,
 )

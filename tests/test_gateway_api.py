@@ -115,21 +115,22 @@ def test_health_reports_ready_capacity(gateway):
     assert health["status"] == "ok" and health["replicas"] == 1 and health["capacity"] == 1
 
 
-def test_python_handle_call_streaming_and_not(gateway):
+async def test_python_handle_call_streaming_and_not(gateway):
+    """As another Ray app's deployment calls it: from an event loop, with `await`."""
     from ray import serve
 
     from serve_app.errors import GatewayError
 
     handle = serve.get_app_handle(APP_NAME)
     body = {"model": MODEL_ID, "messages": CHAT, "max_tokens": 6}
-    reply = handle.chat.remote(body, priority="high").result()
+    reply = await handle.chat.remote(body, priority="high")
     assert reply["choices"][0]["message"]["content"]
-    chunks = list(handle.options(stream=True).chat.remote({**body, "stream": True}, priority="low"))
+    chunks = [c async for c in handle.options(stream=True).chat.remote({**body, "stream": True}, priority="low")]
     assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
-    completion = handle.completions.remote({"model": MODEL_ID, "prompt": "Hello", "max_tokens": 3}).result()
+    completion = await handle.completions.remote({"model": MODEL_ID, "prompt": "Hello", "max_tokens": 3})
     assert completion["usage"]["completion_tokens"] == 3
     with pytest.raises(GatewayError) as excinfo:
-        handle.chat.remote(body, priority="bogus").result()
+        await handle.chat.remote(body, priority="bogus")
     assert excinfo.value.status == 400
 
 
