@@ -81,6 +81,13 @@ class LLMConfig(StrictModel):
     def tensor_parallel_size(self) -> int:
         return int(self.engine_kwargs.get("tensor_parallel_size", 1))
 
+    def engine_options(self) -> dict[str, Any]:
+        """Tensor-parallel workers must run as Ray actors inside the replica's placement group."""
+        options = dict(self.engine_kwargs)
+        if self.tensor_parallel_size > 1:
+            options.setdefault("distributed_executor_backend", "ray")
+        return options
+
     @model_validator(mode="after")
     def _gpu_only_options(self) -> LLMConfig:
         if self.accelerator == "cpu" and self.tensor_parallel_size > 1:

@@ -48,7 +48,7 @@ class LLMServer:
 
         started = time.monotonic()
         model_path = resolve_model_source(config.model_source)
-        args = parse_serve_args(model_path, config.model_id, config.engine_kwargs)
+        args = parse_serve_args(model_path, config.model_id, config.engine_options())
         engine_args = AsyncEngineArgs.from_cli_args(args)
         vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
         self.engine = AsyncLLM.from_vllm_config(

@@ -8,19 +8,21 @@ from serve_app.stats import RequestRecord
 
 
 class OtelBridge:
-    def __init__(self, exporter: str, export_interval_ms: int = 10_000) -> None:
+    def __init__(self, exporter: str, export_interval_ms: int = 10_000, reader: Any = None) -> None:
+        """`reader` replaces the exporter's periodic reader (tests pass an in-memory one)."""
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, PeriodicExportingMetricReader
 
-        if exporter == "otlp":
-            try:
-                from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-            except ImportError as exc:
-                raise RuntimeError("otel_exporter: otlp needs `pip install opentelemetry-exporter-otlp`") from exc
-            metric_exporter: Any = OTLPMetricExporter()
-        else:
-            metric_exporter = ConsoleMetricExporter()
-        reader = PeriodicExportingMetricReader(metric_exporter, export_interval_millis=export_interval_ms)
+        if reader is None:
+            if exporter == "otlp":
+                try:
+                    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+                except ImportError as exc:
+                    raise RuntimeError("otel_exporter: otlp needs `pip install opentelemetry-exporter-otlp`") from exc
+                metric_exporter: Any = OTLPMetricExporter()
+            else:
+                metric_exporter = ConsoleMetricExporter()
+            reader = PeriodicExportingMetricReader(metric_exporter, export_interval_millis=export_interval_ms)
         self.provider = MeterProvider(metric_readers=[reader])
         meter = self.provider.get_meter("serve_app.gateway")
         self.requests = meter.create_counter("gateway.requests", description="Requests that ended")

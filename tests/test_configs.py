@@ -31,7 +31,7 @@ def test_config_validates(path: Path):
     build_app(args)  # binds the graph without starting anything
     options = args.llm.deployment_options()
     assert options["autoscaling_config"]["max_replicas"] >= options["autoscaling_config"]["min_replicas"]
-    serve_args = parse_serve_args("/models/placeholder", args.llm.model_id, args.llm.engine_kwargs)
+    serve_args = parse_serve_args("/models/placeholder", args.llm.model_id, args.llm.engine_options())
     assert serve_args.scheduling_policy == "priority"
     if args.llm.accelerator == "gpu":
         assert options["ray_actor_options"]["num_gpus"] == 1
@@ -46,6 +46,8 @@ def test_tensor_parallel_gets_a_placement_group_of_gpus():
     options = llm.deployment_options()
     assert options["placement_group_bundles"] == [{"CPU": 1.0, "GPU": 1}, {"GPU": 1}]
     assert "num_gpus" not in options["ray_actor_options"]
+    assert llm.engine_options()["distributed_executor_backend"] == "ray"
+    assert "distributed_executor_backend" not in LLMConfig(accelerator="gpu").engine_options()
     with pytest.raises(ValueError, match="accelerator: gpu"):
         LLMConfig(engine_kwargs={"tensor_parallel_size": 2})
 

@@ -33,3 +33,27 @@ def test_counts_and_histograms_per_priority():
     assert 'gateway_e2e_latency_seconds_bucket{priority="high",le="1.0"} 1' in text
     assert 'gateway_e2e_latency_seconds_bucket{priority="high",le="+Inf"} 2' in text
     assert 'gateway_errors_total{priority="low",outcome="rejected",kind="queue_full"} 1' in text
+
+
+def test_opentelemetry_mirror_records_per_priority():
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from serve_app.otel import OtelBridge
+
+    reader = InMemoryMetricReader()
+    bridge = OtelBridge("console", reader=reader)
+    bridge.record(RequestRecord("high", "completed", admitted=True, queue_wait_s=0.0, ttft_s=0.1, e2e_s=0.4))
+    bridge.record(RequestRecord("low", "rejected", kind="queue_full"))
+    metrics = {
+        m.name: m
+        for rm in reader.get_metrics_data().resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+    }
+    counts = {
+        (p.attributes["priority"], p.attributes["outcome"]): p.value for p in metrics["gateway.requests"].data.data_points
+    }
+    assert counts == {("high", "completed"): 1, ("low", "rejected"): 1}
+    (point,) = metrics["gateway.e2e_latency"].data.data_points
+    assert point.count == 1 and point.sum == 0.4
+    bridge.shutdown()

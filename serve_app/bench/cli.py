@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             **kwargs,
         )
         step["summary"] = summarize(run.results, run.duration_s, slo)
+        step["summary"]["client_cpu_ms_per_request"] = 1000 * run.client_cpu_s / max(len(run.results), 1)
         all_results[step["name"]] = run.results
         write_requests(folder / "requests.jsonl", step, run.results)
         s = step["summary"]

@@ -43,6 +43,7 @@ class Target:
 class StepRun:
     results: list[RequestResult]
     duration_s: float
+    client_cpu_s: float = 0.0  # CPU the benchmark process itself used: what each client mode costs
 
 
 def run_step(
@@ -58,12 +59,15 @@ def run_step(
     """Exactly one of `concurrency` (closed loop) or `arrivals` (open loop, offsets in s) is given."""
     if (concurrency is None) == (arrivals is None):
         raise ValueError("give either concurrency or arrivals")
+    cpu_before = time.process_time()
     if mode == "sync":
-        width = concurrency or sync_workers
-        return _run_sync(target, specs, width, arrivals, progress)
-    if mode == "async":
-        return asyncio.run(_run_async(target, specs, concurrency, arrivals, progress))
-    raise ValueError(f"unknown client mode {mode!r}")
+        run = _run_sync(target, specs, concurrency or sync_workers, arrivals, progress)
+    elif mode == "async":
+        run = asyncio.run(_run_async(target, specs, concurrency, arrivals, progress))
+    else:
+        raise ValueError(f"unknown client mode {mode!r}")
+    run.client_cpu_s = time.process_time() - cpu_before
+    return run
 
 
 def _limits(width: int) -> httpx.Limits:

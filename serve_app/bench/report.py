@@ -62,8 +62,8 @@ def markdown(run: dict[str, Any]) -> str:
     lines += [f"Servers: {servers}. Model: `{run['model']}`. Command: `{run['command']}`", ""]
     lines += [
         "| server | mode | load | ok | 429 | timeout | error | req/s | out tok/s | TTFT p50 | TTFT p99 "
-        "| TPOT p50 | ITL p50 | E2EL p50 | E2EL p99 | client lag p95 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| TPOT p50 | ITL p50 | E2EL p50 | E2EL p99 | client lag p95 | client CPU ms/req |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for step in run["steps"]:
         s = step["summary"]
@@ -75,7 +75,7 @@ def markdown(run: dict[str, Any]) -> str:
             f"| {o['timeout']} | {o['error']} | {_fmt(s['request_throughput'], 2)} "
             f"| {_fmt(s['output_token_throughput'])} | {_fmt(s['ttft_ms']['p50'])} | {_fmt(s['ttft_ms']['p99'])} "
             f"| {_fmt(s['tpot_ms']['p50'])} | {_fmt(s['itl_ms']['p50'])} | {_fmt(s['e2el_ms']['p50'])} "
-            f"| {_fmt(s['e2el_ms']['p99'])} | {_fmt(lag)}{flag} |"
+            f"| {_fmt(s['e2el_ms']['p99'])} | {_fmt(lag)}{flag} | {_fmt(s.get('client_cpu_ms_per_request'), 2)} |"
         )
     lines += [
         "",
@@ -133,22 +133,15 @@ def plot(run: dict[str, Any], results: dict[str, list[RequestResult]], folder: P
                 for stat, style in (("p50", "-o"), ("p99", "--x")):
                     ys = [s["summary"][name][stat] for s in steps]
                     ax.plot(xs, ys, style, label=f"{label(server, mode)} {stat}")
-            ax.set_xlabel("concurrency")
-            ax.set_ylabel(f"{name.split('_')[0].upper()} (ms)")
-            ax.set_title(f"{name.split('_')[0].upper()} vs concurrency")
-            ax.legend(fontsize=8)
-            ax.grid(alpha=0.3)
+            short = name.split("_")[0].upper()
+            _label_axes(ax, "concurrency", f"{short} (ms)", f"{short} vs concurrency")
         written.append(_save(fig, folder / "latency_vs_concurrency.png"))
 
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
         for (server, mode), steps in sorted(series.items()):
             xs = [s["value"] for s in steps]
             ax.plot(xs, [s["summary"]["output_token_throughput"] for s in steps], "-o", label=label(server, mode))
-        ax.set_xlabel("concurrency")
-        ax.set_ylabel("output tokens/s")
-        ax.set_title("Throughput vs concurrency")
-        ax.legend()
-        ax.grid(alpha=0.3)
+        _label_axes(ax, "concurrency", "output tokens/s", "Throughput vs concurrency")
         written.append(_save(fig, folder / "throughput_vs_concurrency.png"))
 
     ttfts: dict[str, list[float]] = {}
@@ -162,11 +155,7 @@ def plot(run: dict[str, Any], results: dict[str, list[RequestResult]], folder: P
         for name, values in sorted(ttfts.items()):
             values.sort()
             ax.step(values, [(i + 1) / len(values) for i in range(len(values))], where="post", label=name)
-        ax.set_xlabel("TTFT (ms)")
-        ax.set_ylabel("fraction of requests")
-        ax.set_title("TTFT CDF per priority (all steps)")
-        ax.legend()
-        ax.grid(alpha=0.3)
+        _label_axes(ax, "TTFT (ms)", "fraction of requests", "TTFT CDF per priority (all steps)")
         written.append(_save(fig, folder / "ttft_cdf_per_priority.png"))
 
     fig, ax = plt.subplots(figsize=(max(6.5, 0.6 * len(run["steps"])), 4.5))
@@ -182,6 +171,14 @@ def plot(run: dict[str, Any], results: dict[str, list[RequestResult]], folder: P
     ax.legend()
     written.append(_save(fig, folder / "outcomes_per_step.png"))
     return written
+
+
+def _label_axes(ax: Any, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
 
 
 def _save(fig: Any, path: Path) -> str:
