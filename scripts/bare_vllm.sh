@@ -6,5 +6,5 @@ cd "$(dirname "$0")/.."
 MODEL_DIR=$(.venv/bin/python -m serve_app.model_files)
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
 exec .venv/bin/python -m vllm.entrypoints.openai.api_server --model "$MODEL_DIR" \
-  --served-model-name smollm2-135m-instruct --max-model-len 2048 --max-num-seqs 64 \
+  --served-model-name smollm2-135m-instruct --dtype float32 --max-model-len 2048 --max-num-seqs 64 \
   --disable-log-stats --host 127.0.0.1 --port "${PORT:-8001}"

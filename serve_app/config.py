@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from serve_app.model_files import DEFAULT_MODEL_ID, DEFAULT_MODEL_SOURCE
+from serve_app.model_files import DEFAULT_MODEL_ENGINE_KWARGS, DEFAULT_MODEL_ID, DEFAULT_MODEL_SOURCE
 from serve_app.priority import Priority
 from serve_app.request_queue import ClassLimits
 
@@ -82,8 +82,11 @@ class LLMConfig(StrictModel):
         return int(self.engine_kwargs.get("tensor_parallel_size", 1))
 
     def engine_options(self) -> dict[str, Any]:
-        """Tensor-parallel workers must run as Ray actors inside the replica's placement group."""
+        """The engine kwargs plus what the model or the layout needs: the default model's dtype, and
+        for tensor parallelism, workers as Ray actors inside the replica's placement group."""
         options = dict(self.engine_kwargs)
+        if self.model_source == DEFAULT_MODEL_SOURCE:
+            options = {**DEFAULT_MODEL_ENGINE_KWARGS, **options}
         if self.tensor_parallel_size > 1:
             options.setdefault("distributed_executor_backend", "ray")
         return options

@@ -71,6 +71,21 @@ class InFlight:
         self.on_finish(self, record)
 
 
+class RelayResponse(StreamingResponse):
+    """A stream that always settles its request: if the client leaves before the body is first read,
+    the relay generator never starts and could not release the slot or abort the engine itself."""
+
+    def __init__(self, flight: InFlight, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.flight = flight
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.flight.finish("cancelled", "client_gone")  # no-op when the stream already finished
+
+
 class Router:
     async def __init__(self, llm: DeploymentHandle, metrics: DeploymentHandle, args: AppArgs) -> None:
         self.llm = llm
@@ -115,7 +130,7 @@ class Router:
         headers = {"X-Priority": priority.label, "X-Queue-Wait-Ms": f"{flight.slot.queue_wait_s * 1000:.1f}"}
         if head.body is not None:
             return JSONResponse(head.body, status_code=head.status, headers=headers)
-        return StreamingResponse(self._relay(flight), media_type="text/event-stream", headers=headers)
+        return RelayResponse(flight, self._relay(flight), media_type="text/event-stream", headers=headers)
 
     async def _http_models(self, request: Request) -> Response:
         return JSONResponse(await self.models())

@@ -52,6 +52,12 @@ def test_tensor_parallel_gets_a_placement_group_of_gpus():
         LLMConfig(engine_kwargs={"tensor_parallel_size": 2})
 
 
+def test_default_model_runs_in_float32_unless_told_otherwise():
+    assert LLMConfig().engine_options()["dtype"] == "float32"
+    assert LLMConfig(engine_kwargs={"dtype": "bfloat16"}).engine_options()["dtype"] == "bfloat16"
+    assert "dtype" not in LLMConfig(model_source="Qwen/Qwen3-0.6B").engine_options()
+
+
 def test_autoscaling_defaults_really_scale_and_bad_bounds_are_refused():
     default = AutoscalingConfig()
     assert default.max_replicas > default.min_replicas

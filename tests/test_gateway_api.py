@@ -20,7 +20,7 @@ def test_chat_non_streaming_with_openai_sdk(gateway):
     reply = client(gateway).chat.completions.create(model=MODEL_ID, messages=CHAT, max_tokens=20, temperature=0)
     assert reply.model == MODEL_ID
     assert reply.choices[0].message.role == "assistant"
-    assert reply.choices[0].message.content.strip()
+    assert "Paris" in reply.choices[0].message.content, "the real model answers the question"
     assert 0 < reply.usage.completion_tokens <= 20
 
 

@@ -45,13 +45,11 @@ def test_opentelemetry_mirror_records_per_priority():
     bridge.record(RequestRecord("high", "completed", admitted=True, queue_wait_s=0.0, ttft_s=0.1, e2e_s=0.4))
     bridge.record(RequestRecord("low", "rejected", kind="queue_full"))
     metrics = {
-        m.name: m
-        for rm in reader.get_metrics_data().resource_metrics
-        for sm in rm.scope_metrics
-        for m in sm.metrics
+        m.name: m for rm in reader.get_metrics_data().resource_metrics for sm in rm.scope_metrics for m in sm.metrics
     }
     counts = {
-        (p.attributes["priority"], p.attributes["outcome"]): p.value for p in metrics["gateway.requests"].data.data_points
+        (p.attributes["priority"], p.attributes["outcome"]): p.value
+        for p in metrics["gateway.requests"].data.data_points
     }
     assert counts == {("high", "completed"): 1, ("low", "rejected"): 1}
     (point,) = metrics["gateway.e2e_latency"].data.data_points
