@@ -26,7 +26,7 @@ class QueueConfig(StrictModel):
     high: ClassQueueConfig = ClassQueueConfig(max_queue_len=512, max_wait_s=30.0)
     medium: ClassQueueConfig = ClassQueueConfig()
     low: ClassQueueConfig = ClassQueueConfig(max_wait_s=120.0)
-    aging_s: float = Field(10.0, gt=0, description="waiting this long raises a request by one class")
+    aging_s: float = Field(30.0, gt=0, description="waiting this long raises a request by one class")
 
     def limits(self) -> dict[Priority, ClassLimits]:
         return {p: ClassLimits(**getattr(self, p.label).model_dump()) for p in Priority}

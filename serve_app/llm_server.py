@@ -6,10 +6,11 @@ the answer is not a stream), then, for streams, the SSE strings exactly as vLLM 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ray import serve
@@ -36,7 +37,6 @@ class Trailer:
     """Sent just before `data: [DONE]`: the token count the router records even when the client asked for no usage."""
 
     completion_tokens: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class LLMServer:
@@ -113,8 +113,6 @@ class LLMServer:
 
 
 def _completion_tokens(sse_chunk: str) -> int | None:
-    import json
-
     try:
         return json.loads(sse_chunk.removeprefix("data: "))["usage"]["completion_tokens"]
     except (ValueError, KeyError, TypeError):
