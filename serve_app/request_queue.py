@@ -8,7 +8,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,10 +61,6 @@ class PriorityRequestQueue:
 
     def __len__(self) -> int:
         return sum(len(q) for q in self._queues.values())
-
-    def __iter__(self) -> Iterator[Waiter]:
-        for queue in self._queues.values():
-            yield from queue
 
     def depth(self, priority: Priority) -> int:
         return len(self._queues[priority])
