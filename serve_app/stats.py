@@ -21,7 +21,7 @@ PRIORITIES = tuple(p.label for p in Priority)
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
-# name -> (help text, buckets, unit suffix)
+# name -> (help text, buckets)
 HISTOGRAMS: dict[str, tuple[str, Sequence[float]]] = {
     "queue_wait_seconds": ("Time a request waited in the router's priority queue", SECONDS_BUCKETS),
     "time_to_first_token_seconds": ("Arrival at the router to the first generated token", SECONDS_BUCKETS),
