@@ -1,7 +1,7 @@
-"""Asyncio glue around the queue policy: a fixed number of dispatch slots, waiters, timeouts.
+"""Asyncio glue around the queue policy: dispatch slots on the registered replicas, waiters, timeouts.
 
-The router holds one slot per request it has sent to an LLM replica. When every slot is busy,
-requests wait in the priority queue; a slot freed by `release` goes to the queue's pick.
+One slot is held per request sent to an LLM replica. When every slot is busy, requests wait in
+the priority queue; a slot freed by `release`, or added by a new replica, goes to the queue's pick.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from serve_app.priority import Priority
+from serve_app.replica_set import Replica, ReplicaSet
 from serve_app.request_queue import PriorityRequestQueue, QueueFull, estimate_retry_after
 
 __all__ = ["Admission", "NotReady", "QueueFull", "QueueTimeout", "Slot"]
@@ -35,25 +36,33 @@ class Slot:
     queue_wait_s: float
     granted_at: float
     dispatch_seq: int
+    replica: Replica
 
 
 class Admission:
     def __init__(
         self,
         queue: PriorityRequestQueue,
-        capacity: int = 0,
+        replicas: ReplicaSet | None = None,
         clock: Callable[[], float] = time.monotonic,
         initial_service_s: float = 1.0,
     ) -> None:
         self.queue = queue
-        self.capacity = capacity
-        self.in_use = 0
+        self.replicas = replicas if replicas is not None else ReplicaSet()
         self._clock = clock
         self._mean_service_s = initial_service_s
         self._dispatched = 0
 
-    def set_capacity(self, capacity: int) -> None:
-        self.capacity = max(capacity, 0)
+    @property
+    def capacity(self) -> int:
+        return self.replicas.capacity
+
+    @property
+    def in_use(self) -> int:
+        return self.replicas.in_flight
+
+    def replicas_changed(self) -> None:
+        """Call after adding or removing replicas: new slots go to waiters at once."""
         self._dispatch()
 
     def retry_after(self, priority: Priority) -> int:
@@ -65,8 +74,8 @@ class Admission:
         if self.capacity == 0:
             raise NotReady("no LLM replica is ready to serve yet")
         now = self._clock()
-        if self.in_use < self.capacity and len(self.queue) == 0:
-            return self._grant(priority, now, now)
+        if len(self.queue) == 0 and (replica := self.replicas.take()) is not None:
+            return self._grant(priority, now, now, replica)
         future: asyncio.Future[Slot] = asyncio.get_running_loop().create_future()
         waiter = self.queue.push(priority, now, future, retry_after_s=self.retry_after(priority))
         timer = asyncio.get_running_loop().call_later(
@@ -85,26 +94,27 @@ class Admission:
             timer.cancel()
 
     def release(self, slot: Slot) -> None:
-        self.in_use -= 1
+        self.replicas.give_back(slot.replica)
         service_s = self._clock() - slot.granted_at
         self._mean_service_s = 0.8 * self._mean_service_s + 0.2 * service_s
         self._dispatch()
 
-    def _grant(self, priority: Priority, enqueued_at: float, now: float) -> Slot:
-        self.in_use += 1
+    def _grant(self, priority: Priority, enqueued_at: float, now: float, replica: Replica) -> Slot:
         self._dispatched += 1
-        return Slot(priority, now - enqueued_at, now, self._dispatched)
+        return Slot(priority, now - enqueued_at, now, self._dispatched, replica)
 
     def _dispatch(self) -> None:
-        while self.in_use < self.capacity:
+        while len(self.queue):
+            replica = self.replicas.take()
+            if replica is None:
+                return
             now = self._clock()
             waiter = self.queue.pop(now)
-            if waiter is None:
-                return
-            future: asyncio.Future[Slot] = waiter.payload
-            if future.done():
+            future: asyncio.Future[Slot] | None = waiter.payload if waiter else None
+            if future is None or future.done():
+                self.replicas.give_back(replica)
                 continue
-            future.set_result(self._grant(waiter.priority, waiter.enqueued_at, now))
+            future.set_result(self._grant(waiter.priority, waiter.enqueued_at, now, replica))
 
     def _expire_waiters(self) -> None:
         now = self._clock()

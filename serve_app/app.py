@@ -6,6 +6,7 @@ from typing import Any
 
 from ray.serve import Application
 
+from serve_app.admission_actor import AdmissionDeployment
 from serve_app.config import AppArgs
 from serve_app.llm_server import LLMDeployment
 from serve_app.metrics_actor import MetricsDeployment
@@ -13,9 +14,12 @@ from serve_app.router import RouterDeployment
 
 
 def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
-    """Router -> LLMServer replicas, with the Metrics actor beside them."""
+    """Routers -> LLMServer replicas; the Admission deployment shares queues and slots between Routers, and
+    the Metrics deployment collects every finished request."""
     if not isinstance(args, AppArgs):
         args = AppArgs.model_validate(args or {})
-    llm = LLMDeployment.options(**args.llm.deployment_options()).bind(args.llm)
+    admission = AdmissionDeployment.bind(args.queue, args.replica_check_s)
+    llm = LLMDeployment.options(**args.llm.deployment_options()).bind(args.llm, admission)
     metrics = MetricsDeployment.bind(args.otel_exporter)
-    return RouterDeployment.bind(llm, metrics, args)
+    router = RouterDeployment.options(num_replicas=args.router.num_replicas)
+    return router.bind(admission, llm, metrics, args)

@@ -32,6 +32,8 @@ class QueueConfig(StrictModel):
         return {p: ClassLimits(**getattr(self, p.label).model_dump()) for p in Priority}
 
 
+QUEUE_AWARE_POLICY = "serve_app.autoscaling:queue_aware_policy"
+
 # Calls beyond generation (health, model list) that a full replica must still accept.
 CONTROL_CALL_HEADROOM = 4
 
@@ -42,12 +44,10 @@ SINGLE_LOOP_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 
 
 class AutoscalingConfig(StrictModel):
-    """Ray Serve scales replicas so each has about `target_ongoing_requests`; the router never sends a replica
-    more than `max_ongoing_requests`, so a busy replica sits above target and triggers a scale-up."""
+    """Replicas follow ongoing plus queued requests (`serve_app.autoscaling`), aiming at `target_ongoing_requests`
+    each; the gateway never sends a replica more than `max_ongoing_requests`."""
 
-    min_replicas: int = Field(
-        1, ge=1, description="at least 1: the router holds queued work where the autoscaler cannot see it"
-    )
+    min_replicas: int = Field(1, ge=1, description="at least 1: the first request must find a replica to wait for")
     max_replicas: int = Field(2, ge=1)
     target_ongoing_requests: float = Field(8, gt=0)
     max_ongoing_requests: int = Field(16, ge=1)
@@ -63,7 +63,7 @@ class AutoscalingConfig(StrictModel):
         return self
 
     def ray_config(self) -> dict[str, Any]:
-        return self.model_dump(exclude={"max_ongoing_requests"})
+        return {**self.model_dump(exclude={"max_ongoing_requests"}), "policy": {"policy_function": QUEUE_AWARE_POLICY}}
 
 
 class LLMConfig(StrictModel):
@@ -124,10 +124,24 @@ class LLMConfig(StrictModel):
         return options
 
 
+class HttpConfig(StrictModel):
+    """Where the Routers listen. Every Router replica binds this port itself (shared through SO_REUSEPORT), so
+    Ray's own HTTP proxy must be off (`proxy_location: Disabled`) or on another port."""
+
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=0, le=65535, description="0: no server of our own; Ray's proxy calls the Router")
+
+
+class RouterConfig(StrictModel):
+    num_replicas: int = Field(1, ge=1, description="Router replicas; they share the queues through Admission")
+
+
 class AppArgs(StrictModel):
     llm: LLMConfig = LLMConfig()
     queue: QueueConfig = QueueConfig()
-    capacity_poll_s: float = Field(1.0, gt=0, description="how often the router re-reads the replica count")
+    http: HttpConfig = HttpConfig()
+    router: RouterConfig = RouterConfig()
+    replica_check_s: float = Field(2.0, gt=0, description="how often Admission checks that each replica answers")
     metrics_flush_s: float = Field(0.5, gt=0, description="how often the router sends finished requests to metrics")
     otel_exporter: Literal["none", "console", "otlp"] = Field(
         "none", description="also export the figures through OpenTelemetry"

@@ -32,13 +32,9 @@ def to_cli(options: dict[str, Any]) -> list[str]:
 
 
 def parse_serve_args(model: str, served_model_name: str, engine_kwargs: dict[str, Any]) -> argparse.Namespace:
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
+    from serve_app import vllm_compat
 
     options = {**GATEWAY_ENGINE_DEFAULTS, **engine_kwargs}
     options.pop("model", None)
     options.pop("served_model_name", None)
-    parser = make_arg_parser(FlexibleArgumentParser(prog="serve_app-engine"))
-    args = parser.parse_args(["--model", model, "--served-model-name", served_model_name, *to_cli(options)])
-    validate_parsed_serve_args(args)
-    return args
+    return vllm_compat.parse_serve_cli(["--model", model, "--served-model-name", served_model_name, *to_cli(options)])

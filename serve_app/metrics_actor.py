@@ -17,20 +17,20 @@ class Metrics:
         self.stats = GatewayStats()
         self.otel = OtelBridge(otel_exporter) if otel_exporter != "none" else None
 
-    async def record(self, records: list[dict[str, Any]], router_state: dict[str, Any]) -> int:
+    async def record(self, records: list[dict[str, Any]]) -> int:
         parsed = [RequestRecord(**r) for r in records]
         self.stats.add_many(parsed)
-        self.stats.router_state = router_state
         if self.otel:
             for record in parsed:
                 self.otel.record(record)
         return len(parsed)
 
-    async def summary(self) -> dict[str, Any]:
-        return self.stats.summary()
+    async def summary(self, gateway_state: dict[str, Any]) -> dict[str, Any]:
+        """`gateway_state` is the Admission deployment's live picture: queue depths, slots, replicas."""
+        return self.stats.summary(gateway_state)
 
-    async def prometheus(self) -> str:
-        return self.stats.prometheus()
+    async def prometheus(self, gateway_state: dict[str, Any]) -> str:
+        return self.stats.prometheus(gateway_state)
 
     def __del__(self) -> None:
         if self.otel:

@@ -11,31 +11,27 @@ from serve_app.stats import RequestRecord
 
 logger = logging.getLogger("ray.serve")
 
-Send = Callable[[list[dict[str, Any]], dict[str, Any]], Awaitable[None]]
+Send = Callable[[list[dict[str, Any]]], Awaitable[None]]
 
 
 class MetricsReporter:
-    def __init__(self, send: Send, router_state: Callable[[], dict[str, Any]], flush_s: float) -> None:
+    def __init__(self, send: Send, flush_s: float) -> None:
         self._send = send
-        self._router_state = router_state
         self._flush_s = flush_s
         self._pending: list[dict[str, Any]] = []
-        self._last_state: dict[str, Any] | None = None
         self._lock = asyncio.Lock()  # a flush returns only once everything added before it has landed
 
     def add(self, record: RequestRecord) -> None:
         self._pending.append(record.to_dict())
 
     async def flush(self) -> None:
-        """Sends only when there is news: finished requests, or a changed queue picture."""
+        """Sends only when there is news."""
         async with self._lock:
-            state = self._router_state()
-            if not self._pending and state == self._last_state:
+            if not self._pending:
                 return
             batch, self._pending = self._pending, []
             try:
-                await self._send(batch, state)
-                self._last_state = state
+                await self._send(batch)
             except Exception:  # metrics must never take the router down; keep the batch for the next try
                 logger.exception("sending %d request records to the metrics actor failed", len(batch))
                 self._pending = batch + self._pending

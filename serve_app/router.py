@@ -1,8 +1,9 @@
-"""The ingress: OpenAI HTTP API and Python handle calls, both through the same priority queues.
+"""The ingress: OpenAI HTTP API and Python handle calls, both through the shared priority queues.
 
-A request holds one dispatch slot from the moment it is sent to an LLM replica until its last
-byte; the router never has more requests at the replicas than they have `max_ongoing_requests`,
-so the waiting happens here, in priority order, and not in Ray's FIFO handle queue.
+Each Router replica serves HTTP itself on the public port (several replicas share it through
+SO_REUSEPORT), asks the Admission deployment for a slot, and relays the chosen LLM replica's
+answer. The relay passes bytes through: one read of whatever the replica has sent, one write to
+the client, so chunks that are already waiting go out as one message without any timer.
 """
 
 from __future__ import annotations
@@ -11,29 +12,31 @@ import asyncio
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 from ray import serve
-from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from serve_app.admission import Admission, NotReady, QueueFull, QueueTimeout, Slot
+from serve_app import http_server
 from serve_app.config import SINGLE_LOOP_ENV, AppArgs
 from serve_app.errors import GatewayError
-from serve_app.llm_server import SSE_DONE, Head, Trailer
+from serve_app.llm_server import ENDPOINT_PATHS, SSE_DONE, TOKENS_HEADER, TOKENS_TRAILER
 from serve_app.metrics_reporter import MetricsReporter
 from serve_app.priority import PRIORITY_HEADER, InvalidPriority, Priority, request_priority
 from serve_app.request_body import engine_body
-from serve_app.request_queue import PriorityRequestQueue
 from serve_app.stats import Outcome, RequestRecord
 
 logger = logging.getLogger("ray.serve")
 
-LLM_DEPLOYMENT = "LLMServer"
 NOT_READY_RETRY_S = 5
+DONE = SSE_DONE.encode()
+TRAILER = TOKENS_TRAILER.encode()
 
 
 @dataclass
@@ -44,57 +47,46 @@ class InFlight:
     endpoint: str
     arrived: float
     on_finish: Callable[[InFlight, RequestRecord], None]
-    slot: Slot | None = None
-    stream: DeploymentResponseGenerator | None = None
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    queue_wait_s: float | None = None
+    admitted: bool = False
+    upstream: aiohttp.ClientResponse | None = None
     first_chunk_at: float | None = None
     output_tokens: int | None = None
-    finished: bool = field(default=False)
+    finished: bool = False
 
     def finish(self, outcome: Outcome, kind: str | None = None) -> None:
         if self.finished:
             return
         self.finished = True
-        if outcome != "completed" and self.stream is not None:
-            self.stream.cancel()  # aborts the request in the engine, freeing its KV cache
-        now = time.monotonic()
+        if self.upstream is not None:
+            if outcome == "completed":
+                self.upstream.release()  # the connection goes back to the pool
+            else:
+                self.upstream.close()  # the replica sees the hang-up and aborts the engine request
         record = RequestRecord(
             priority=self.priority.label,
             outcome=outcome,
             kind=kind,
             endpoint=self.endpoint,
-            admitted=self.slot is not None,
-            queue_wait_s=self.slot.queue_wait_s if self.slot else None,
+            admitted=self.admitted,
+            queue_wait_s=self.queue_wait_s,
             ttft_s=self.first_chunk_at - self.arrived if self.first_chunk_at else None,
-            e2e_s=now - self.arrived,
+            e2e_s=time.monotonic() - self.arrived,
             output_tokens=self.output_tokens,
         )
         self.on_finish(self, record)
 
 
-class RelayResponse(StreamingResponse):
-    """A stream that always settles its request: if the client leaves before the body is first read,
-    the relay generator never starts and could not release the slot or abort the engine itself."""
-
-    def __init__(self, flight: InFlight, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.flight = flight
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.flight.finish("cancelled", "client_gone")  # no-op when the stream already finished
-
-
 class Router:
-    async def __init__(self, llm: DeploymentHandle, metrics: DeploymentHandle, args: AppArgs) -> None:
+    async def __init__(
+        self, admission: DeploymentHandle, llm: DeploymentHandle, metrics: DeploymentHandle, args: AppArgs
+    ) -> None:
+        self.admission = admission
         self.llm = llm
-        self.llm_stream = llm.options(stream=True)
         self.metrics = metrics
         self.args = args
-        self.admission = Admission(PriorityRequestQueue(args.queue.limits(), args.queue.aging_s))
-        self.reporter = MetricsReporter(self._send_records, self.router_state, args.metrics_flush_s)
-        self.replicas = 0
+        self.reporter = MetricsReporter(self._send_records, args.metrics_flush_s)
         self._models: dict[str, Any] | None = None
         self._routes: dict[tuple[str, str], Callable[[Request], Awaitable[Response]]] = {
             ("POST", "/v1/chat/completions"): lambda r: self._http_generate(r, "chat"),
@@ -104,11 +96,30 @@ class Router:
             ("GET", "/metrics"): self._http_prometheus,
             ("GET", "/v1/stats"): self._http_stats,
         }
-        self._background = [asyncio.create_task(self._watch_capacity()), asyncio.create_task(self.reporter.run())]
+        # No total timeout: a stream lasts as long as generation does. Unlimited pool: admission bounds it.
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, force_close=False, enable_cleanup_closed=True),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+            auto_decompress=False,
+        )
+        self._background = [asyncio.ensure_future(self.reporter.run())]
+        self._server = None
+        if args.http.port:
+            sock = http_server.bind(args.http.host, args.http.port, share=True)
+            self._server = await http_server.start(self, sock)
 
-    # ---- HTTP ----------------------------------------------------------------------------
+    # ---- HTTP ----------------------------------------------------------------------------------
 
-    async def __call__(self, request: Request) -> Response:
+    async def __call__(self, scope_or_request: Any, receive: Any = None, send: Any = None) -> Any:
+        """ASGI app for the Router's own server, and Ray Serve's ingress callable behind a Ray proxy."""
+        if receive is None:
+            return await self._respond(scope_or_request)
+        if scope_or_request["type"] != "http":
+            return
+        response = await self._respond(Request(scope_or_request, receive))
+        await response(scope_or_request, receive, send)
+
+    async def _respond(self, request: Request) -> Response:
         path = request.url.path.rstrip("/") or "/"
         handler = self._routes.get((request.method, path))
         try:
@@ -126,29 +137,55 @@ class Router:
         arrived = time.monotonic()
         body = await _json_body(request)
         priority = _priority_or_400(request.headers.get(PRIORITY_HEADER), body)
-        flight, head = await self._dispatch(endpoint, body, priority, arrived)
-        headers = {"X-Priority": priority.label, "X-Queue-Wait-Ms": f"{flight.slot.queue_wait_s * 1000:.1f}"}
-        if head.body is not None:
-            return JSONResponse(head.body, status_code=head.status, headers=headers)
-        return RelayResponse(flight, self._relay(flight), media_type="text/event-stream", headers=headers)
+        flight = InFlight(priority, endpoint, arrived, self._on_finish)
+        try:
+            upstream = await http_server.unless_disconnected(request.receive, self._dispatch(flight, body))
+        except http_server.ClientGone:
+            flight.finish("cancelled", "client_gone_while_queued" if not flight.admitted else "client_gone")
+            return Response(status_code=499)
+        headers = {"X-Priority": priority.label, "X-Queue-Wait-Ms": f"{(flight.queue_wait_s or 0) * 1000:.1f}"}
+        if upstream.content_type != "text/event-stream":
+            return await self._whole_answer(flight, upstream, headers)
+
+        async def settle() -> None:
+            flight.finish("cancelled", "client_gone")  # a no-op when the relay already finished it
+
+        return http_server.SettledStreamingResponse(self._relay(flight, upstream), settle, headers=headers)
+
+    async def _whole_answer(
+        self, flight: InFlight, upstream: aiohttp.ClientResponse, headers: dict[str, str]
+    ) -> Response:
+        try:
+            payload = await upstream.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            flight.finish("error", "engine_error")
+            raise GatewayError(502, f"the model replica failed while answering: {type(exc).__name__}") from exc
+        if upstream.status >= 400:
+            flight.finish("error", _error_kind(upstream.status, payload))
+        else:
+            tokens = upstream.headers.get(TOKENS_HEADER)
+            flight.output_tokens = int(tokens) if tokens else None
+            flight.finish("completed")
+        return Response(payload, status_code=upstream.status, headers=headers, media_type="application/json")
 
     async def _http_models(self, request: Request) -> Response:
         return JSONResponse(await self.models())
 
     async def _http_health(self, request: Request) -> Response:
-        if self.admission.capacity == 0:
-            raise GatewayError(503, "the model is still loading", retry_after_s=NOT_READY_RETRY_S)
-        return JSONResponse({"status": "ok", "replicas": self.replicas, **self.router_state()})
+        state = await self.admission.state.remote()
+        if state["capacity"] == 0:
+            raise GatewayError(503, "no model replica is ready to serve", retry_after_s=NOT_READY_RETRY_S)
+        return JSONResponse({"status": "ok", **state})
 
     async def _http_prometheus(self, request: Request) -> Response:
         await self.reporter.flush()
-        text = await self.metrics.prometheus.remote()
+        text = await self.metrics.prometheus.remote(await self.admission.state.remote())
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     async def _http_stats(self, request: Request) -> Response:
         return JSONResponse(await self.stats())
 
-    # ---- Python handle API -----------------------------------------------------------------
+    # ---- Python handle API ---------------------------------------------------------------------
 
     async def chat(self, body: dict[str, Any], priority: str | None = None) -> Any:
         """Non-streaming: returns the response dict. With `"stream": True` (and handle.options(stream=True)):
@@ -160,134 +197,139 @@ class Router:
 
     async def models(self) -> dict[str, Any]:
         if self._models is None:
-            if self.admission.capacity == 0:
-                raise GatewayError(503, "the model is still loading", retry_after_s=NOT_READY_RETRY_S)
+            state = await self.admission.state.remote()
+            if state["capacity"] == 0:
+                raise GatewayError(503, "no model replica is ready to serve", retry_after_s=NOT_READY_RETRY_S)
             self._models = await self.llm.models.remote()
         return self._models
 
     async def stats(self) -> dict[str, Any]:
         await self.reporter.flush()
-        summary = await self.metrics.summary.remote()
-        summary["router"] = self.router_state()
-        return summary
+        return await self.metrics.summary.remote(await self.admission.state.remote())
 
     async def _handle_call(self, endpoint: str, body: dict[str, Any], priority: str | None) -> Any:
         arrived = time.monotonic()
         if not isinstance(body, dict):
             raise GatewayError(400, "the request body must be a JSON object")
-        prio = _priority_or_400(priority, body)
-        if body.get("stream"):
-            return self._handle_stream(endpoint, body, prio, arrived)
-        _, head = await self._dispatch(endpoint, body, prio, arrived)
-        return head.body
+        flight = InFlight(_priority_or_400(priority, body), endpoint, arrived, self._on_finish)
+        try:
+            upstream = await self._dispatch(flight, body)
+        except asyncio.CancelledError:
+            flight.finish("cancelled", "client_gone_while_queued" if not flight.admitted else "client_gone")
+            raise
+        if upstream.content_type == "text/event-stream":
+            return self._handle_stream(flight, upstream)
+        response = await self._whole_answer(flight, upstream, {})
+        payload = json.loads(response.body)
+        if response.status_code >= 400:
+            raise GatewayError.from_body(response.status_code, payload)
+        return payload
 
     async def _handle_stream(
-        self, endpoint: str, body: dict[str, Any], priority: Priority, arrived: float
+        self, flight: InFlight, upstream: aiohttp.ClientResponse
     ) -> AsyncGenerator[dict[str, Any], None]:
-        flight, _ = await self._dispatch(endpoint, body, priority, arrived)
-        async for chunk in self._relay(flight):
-            data = chunk.removeprefix("data: ").strip()
-            if data and data != "[DONE]":
-                yield json.loads(data)
-
-    # ---- dispatch --------------------------------------------------------------------------
-
-    async def _dispatch(
-        self, endpoint: str, body: dict[str, Any], priority: Priority, arrived: float
-    ) -> tuple[InFlight, Head]:
-        """Queue for a slot, send to a replica, and read its Head. A JSON answer finishes the request here;
-        for a stream, the caller relays the rest with `_relay`."""
-        flight = InFlight(priority, endpoint, arrived, self._on_finish)
+        pending = b""
         try:
-            flight.slot = await self.admission.acquire(priority)
-        except QueueFull as exc:
-            flight.finish("rejected", "queue_full")
-            raise GatewayError(429, f"{exc}; retry later", retry_after_s=exc.retry_after_s, kind="queue_full") from None
-        except QueueTimeout as exc:
-            flight.finish("rejected", "queue_timeout")
-            raise GatewayError(
-                429, f"{exc}; retry later", retry_after_s=exc.retry_after_s, kind="queue_timeout"
-            ) from None
-        except NotReady as exc:
-            flight.finish("rejected", "not_ready")
-            raise GatewayError(503, str(exc), retry_after_s=NOT_READY_RETRY_S, kind="not_ready") from None
-        except asyncio.CancelledError:
-            flight.finish("cancelled", "client_gone_while_queued")
+            async for data in self._relay(flight, upstream):
+                pending += data
+                *events, pending = pending.split(b"\n\n")
+                for event in events:
+                    if event.startswith(b"data: ") and event != b"data: [DONE]":
+                        yield json.loads(event[6:])
+        finally:
+            flight.finish("cancelled", "client_gone")
+
+    # ---- dispatch ------------------------------------------------------------------------------
+
+    async def _dispatch(self, flight: InFlight, body: dict[str, Any]) -> aiohttp.ClientResponse:
+        """Queue for a slot, send to its replica, and return the replica's response once its headers are in.
+        A rejection finishes the request and raises GatewayError."""
+        try:
+            grant = await self.admission.acquire.remote(flight.request_id, int(flight.priority))
+        except GatewayError as exc:
+            flight.finish("rejected" if exc.status in (429, 503) else "error", exc.kind)
+            raise GatewayError(exc.status, exc.message, retry_after_s=exc.retry_after_s, kind=exc.kind) from None
+        except BaseException as exc:
+            self._release(flight)  # the grant may be on its way: Admission drops it when it lands
+            if isinstance(exc, asyncio.CancelledError):
+                flight.finish("cancelled", "client_gone_while_queued")
+            else:
+                flight.finish("error", "admission_failed")
             raise
+        flight.admitted = True
+        flight.queue_wait_s = grant["queue_wait_s"]
+        url = grant["url"] + ENDPOINT_PATHS[flight.endpoint]
+        payload = json.dumps(engine_body(body, flight.priority)).encode()
         try:
-            flight.stream = self.llm_stream.generate.remote(endpoint, engine_body(body, priority))
-            head: Head = await flight.stream.__anext__()
-        except asyncio.CancelledError:
+            flight.upstream = await self.session.post(url, data=payload, headers={"content-type": "application/json"})
+        except (aiohttp.ClientError, OSError) as exc:
+            self.admission.report_failure.remote(grant["url"])
+            flight.finish("error", "engine_unreachable")
+            raise GatewayError(
+                503,
+                f"the model replica could not be reached: {type(exc).__name__}",
+                retry_after_s=1,
+                kind="engine_unreachable",
+            ) from exc
+        except BaseException:
             flight.finish("cancelled", "client_gone")
             raise
-        except Exception as exc:
-            logger.exception("LLM replica failed before answering")
-            flight.finish("error", "engine_error")
-            raise GatewayError(500, f"the model replica failed: {type(exc).__name__}", kind="engine_error") from exc
-        if head.body is None:
-            return flight, head
-        if head.status >= 400:
-            error = GatewayError.from_body(head.status, head.body)
-            flight.finish("error", error.kind)
-            raise error
-        flight.output_tokens = (head.body.get("usage") or {}).get("completion_tokens")
-        flight.finish("completed")
-        return flight, head
+        return flight.upstream
 
-    async def _relay(self, flight: InFlight) -> AsyncGenerator[str, None]:
-        assert flight.stream is not None
+    async def _relay(self, flight: InFlight, upstream: aiohttp.ClientResponse) -> AsyncGenerator[bytes, None]:
+        """Bytes through: each read takes all that has arrived, so a backed-up stream sends fewer, larger writes."""
         try:
-            async for item in flight.stream:
-                if isinstance(item, Trailer):
-                    flight.output_tokens = item.completion_tokens
-                    continue
+            async for data in upstream.content.iter_any():
                 if flight.first_chunk_at is None:
                     flight.first_chunk_at = time.monotonic()
-                if item.startswith(SSE_DONE):
+                if data.endswith(DONE):
+                    data = self._take_trailer(flight, data)
+                    yield data
                     flight.finish("completed")  # the answer is whole even if the client hangs up now
-                yield item
-            flight.finish("completed")
-        except (asyncio.CancelledError, GeneratorExit):
-            flight.finish("cancelled", "client_gone")
-            raise
-        except Exception as exc:
-            logger.exception("LLM replica failed mid-stream")
-            flight.finish("error", "engine_error")
-            error = GatewayError(500, f"the model replica failed mid-stream: {type(exc).__name__}")
-            yield f"data: {json.dumps(error.body())}\n\ndata: [DONE]\n\n"
+                    return
+                yield data
+            failure = "the stream ended before [DONE]"
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            failure = type(exc).__name__
+        logger.warning("LLM replica failed mid-stream: %s", failure)
+        flight.finish("error", "engine_error")
+        error = GatewayError(502, f"the model replica failed mid-stream: {failure}", kind="engine_error")
+        yield f"data: {json.dumps(error.body())}\n\ndata: [DONE]\n\n".encode()
+
+    @staticmethod
+    def _take_trailer(flight: InFlight, data: bytes) -> bytes:
+        at = data.rfind(TRAILER)
+        if at < 0:
+            return data
+        end = data.find(b"\n\n", at)
+        try:
+            flight.output_tokens = int(data[at + len(TRAILER) : end])
+        except ValueError:
+            pass
+        return data[:at] + data[end + 2 :]
+
+    def _release(self, flight: InFlight) -> None:
+        self.admission.release.remote(flight.request_id)
 
     def _on_finish(self, flight: InFlight, record: RequestRecord) -> None:
-        if flight.slot is not None:
-            self.admission.release(flight.slot)
+        if flight.admitted:
+            self._release(flight)
         self.reporter.add(record)
 
-    # ---- background ------------------------------------------------------------------------
+    async def _send_records(self, records: list[dict[str, Any]]) -> None:
+        await self.metrics.record.remote(records)
 
-    def router_state(self) -> dict[str, Any]:
-        queue = self.admission.queue
-        return {
-            **{f"queued_{p.label}": queue.depth(p) for p in Priority},
-            "in_flight": self.admission.in_use,
-            "capacity": self.admission.capacity,
-        }
+    async def __del__(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        await self.session.close()
 
-    async def _send_records(self, records: list[dict[str, Any]], state: dict[str, Any]) -> None:
-        await self.metrics.record.remote(records, state)
 
-    async def _watch_capacity(self) -> None:
-        """Slots = running LLM replicas x their max_ongoing_requests, re-read as the autoscaler changes them."""
-        app_name = serve.get_replica_context().app_name
-        per_replica = self.args.llm.autoscaling.max_ongoing_requests
-        while True:
-            try:
-                status = await asyncio.to_thread(serve.status)
-                app = status.applications.get(app_name)
-                deployment = app.deployments.get(LLM_DEPLOYMENT) if app else None
-                self.replicas = int(deployment.replica_states.get("RUNNING", 0)) if deployment else 0
-                self.admission.set_capacity(self.replicas * per_replica)
-            except Exception:
-                logger.exception("could not read the LLM replica count")
-            await asyncio.sleep(self.args.capacity_poll_s)
+def _error_kind(status: int, payload: bytes) -> str:
+    try:
+        return GatewayError.from_body(status, json.loads(payload)).kind
+    except ValueError:
+        return "engine_error"
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
@@ -311,7 +353,6 @@ def _priority_or_400(header: str | None, body: dict[str, Any]) -> Priority:
 RouterDeployment = serve.deployment(
     Router,
     name="Router",
-    num_replicas=1,
     ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": SINGLE_LOOP_ENV}},
     max_ongoing_requests=100_000,
 )

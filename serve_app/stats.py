@@ -112,7 +112,6 @@ class ClassStats:
 class GatewayStats:
     def __init__(self) -> None:
         self.classes = {label: ClassStats() for label in PRIORITIES}
-        self.router_state: dict[str, Any] = {}
 
     def add_many(self, records: Iterable[RequestRecord | dict[str, Any]]) -> None:
         for record in records:
@@ -120,7 +119,7 @@ class GatewayStats:
                 record = RequestRecord(**record)
             self.classes[record.priority].add(record)
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, gateway_state: dict[str, Any] | None = None) -> dict[str, Any]:
         per_priority = {}
         for label, stats in self.classes.items():
             per_priority[label] = {
@@ -129,9 +128,9 @@ class GatewayStats:
                 "errors_by_kind": dict(stats.errors),
                 **{name: hist.summary() for name, hist in stats.histograms.items()},
             }
-        return {"object": "gateway.stats", "priorities": per_priority, "router": self.router_state}
+        return {"object": "gateway.stats", "priorities": per_priority, "router": gateway_state or {}}
 
-    def prometheus(self) -> str:
+    def prometheus(self, gateway_state: dict[str, Any] | None = None) -> str:
         lines: list[str] = []
 
         def header(name: str, kind: str, help_text: str) -> None:
@@ -164,8 +163,7 @@ class GatewayStats:
                     lines.append(f'{metric}_bucket{{priority="{label}",le="{le}"}} {cumulative}')
                 lines.append(f'{metric}_sum{{priority="{label}"}} {hist.total}')
                 lines.append(f'{metric}_count{{priority="{label}"}} {hist.n}')
-        for key in ("queued_high", "queued_medium", "queued_low", "in_flight", "capacity"):
-            if key in self.router_state:
-                header(f"gateway_{key}", "gauge", f"Router {key.replace('_', ' ')} at its last report")
-                lines.append(f"gateway_{key} {self.router_state[key]}")
+        for key, value in (gateway_state or {}).items():
+            header(f"gateway_{key}", "gauge", f"Gateway {key.replace('_', ' ')}, now")
+            lines.append(f"gateway_{key} {value}")
         return "\n".join(lines) + "\n"

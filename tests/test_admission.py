@@ -6,12 +6,16 @@ import pytest
 
 from serve_app.admission import Admission, NotReady, QueueFull, QueueTimeout
 from serve_app.priority import Priority
+from serve_app.replica_set import ReplicaSet
 from serve_app.request_queue import ClassLimits, PriorityRequestQueue
 
 
 def make_admission(capacity: int, max_len: int = 10, max_wait_s: float = 5.0) -> Admission:
     queue = PriorityRequestQueue({p: ClassLimits(max_len, max_wait_s) for p in Priority}, aging_s=60)
-    return Admission(queue, capacity=capacity)
+    replicas = ReplicaSet()
+    if capacity:
+        replicas.add("r0", "http://r0", capacity)
+    return Admission(queue, replicas)
 
 
 async def settle() -> None:
@@ -106,6 +110,7 @@ async def test_raising_capacity_wakes_waiters():
     waiting = asyncio.create_task(adm.acquire(Priority.LOW))
     await settle()
     assert not waiting.done()
-    adm.set_capacity(2)
+    adm.replicas.add("r1", "http://r1", 1)
+    adm.replicas_changed()
     slot = await asyncio.wait_for(waiting, 1)
     assert adm.in_use == 2 and slot.queue_wait_s >= 0

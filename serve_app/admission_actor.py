@@ -1,0 +1,141 @@
+"""The one Admission replica: the priority queues and dispatch slots that every Router shares.
+
+Each request costs one `acquire` call, which returns the replica to send it to, and one `release`;
+no token passes through here. One place for the queues keeps priority order exact across any
+number of Routers: a freed slot always goes to the best waiter of the whole gateway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import aiohttp
+from ray import serve
+
+from serve_app.admission import Admission, NotReady, QueueFull, QueueTimeout, Slot
+from serve_app.config import SINGLE_LOOP_ENV, QueueConfig
+from serve_app.errors import GatewayError
+from serve_app.priority import Priority
+from serve_app.replica_set import ReplicaSet
+from serve_app.request_queue import PriorityRequestQueue
+
+logger = logging.getLogger("ray.serve")
+
+NOT_READY_RETRY_S = 5
+
+
+class AdmissionActor:
+    def __init__(self, queue: QueueConfig, replica_check_s: float = 2.0) -> None:
+        self.admission = Admission(PriorityRequestQueue(queue.limits(), queue.aging_s), ReplicaSet())
+        self._slots: dict[str, Slot] = {}  # granted, by request id
+        self._waiting: dict[str, asyncio.Task[Slot]] = {}
+        self._released_early: set[str] = set()  # released while its acquire was still in flight
+        self._ever_ready = False
+        self._replica_check_s = replica_check_s
+        self._checker: asyncio.Task[None] | None = None
+
+    # ---- per request ---------------------------------------------------------------------------
+
+    async def acquire(self, request_id: str, priority: int) -> dict[str, Any]:
+        """Waits for a slot; returns the replica's URL and the wait. Raises GatewayError (429/503)."""
+        prio = Priority(priority)
+        task = asyncio.ensure_future(self.admission.acquire(prio))
+        self._waiting[request_id] = task
+        try:
+            slot = await task
+        except QueueFull as exc:
+            raise GatewayError(429, f"{exc}; retry later", retry_after_s=exc.retry_after_s, kind="queue_full") from None
+        except QueueTimeout as exc:
+            raise GatewayError(
+                429, f"{exc}; retry later", retry_after_s=exc.retry_after_s, kind="queue_timeout"
+            ) from None
+        except NotReady as exc:
+            raise GatewayError(
+                503, self._not_ready_message(exc), retry_after_s=NOT_READY_RETRY_S, kind="not_ready"
+            ) from None
+        finally:
+            self._waiting.pop(request_id, None)
+        if request_id in self._released_early:  # the Router gave up while the grant was on its way
+            self._released_early.discard(request_id)
+            self.admission.release(slot)
+            raise GatewayError(499, "the client left while queued", kind="client_gone")
+        self._slots[request_id] = slot
+        return {"url": slot.replica.url, "queue_wait_s": slot.queue_wait_s}
+
+    async def release(self, request_id: str) -> None:
+        """Idempotent. A Router also calls it when the client left while queued, which covers the race
+        where the grant and the cancellation cross."""
+        slot = self._slots.pop(request_id, None)
+        if slot is not None:
+            self.admission.release(slot)
+            return
+        task = self._waiting.get(request_id)
+        if task is not None:
+            self._released_early.add(request_id)
+            task.cancel()
+
+    # ---- replicas ------------------------------------------------------------------------------
+
+    async def register_replica(self, replica_id: str, url: str, max_ongoing: int) -> None:
+        self.admission.replicas.add(replica_id, url, max_ongoing)
+        self._ever_ready = True
+        logger.info("replica %s at %s joined with %d slots", replica_id, url, max_ongoing)
+        self.admission.replicas_changed()
+        if self._checker is None:
+            self._checker = asyncio.ensure_future(self._check_replicas())
+
+    async def deregister_replica(self, replica_id: str) -> None:
+        if self.admission.replicas.remove(replica_id) is not None:
+            logger.info("replica %s left", replica_id)
+
+    async def report_failure(self, url: str) -> None:
+        """A Router could not reach this replica: stop dispatching there until it registers again."""
+        replica = self.admission.replicas.by_url(url)
+        if replica is not None:
+            logger.warning("replica %s at %s failed; no more requests go there", replica.replica_id, url)
+            self.admission.replicas.remove(replica.replica_id)
+
+    async def _check_replicas(self) -> None:
+        """Drops replicas that stop answering, so capacity and /health tell the truth without traffic."""
+        timeout = aiohttp.ClientTimeout(total=max(self._replica_check_s * 2, 5))
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            while True:
+                await asyncio.sleep(self._replica_check_s)
+                for replica in self.admission.replicas:
+                    try:
+                        async with session.get(f"{replica.url}/health") as response:
+                            ok = response.status == 200
+                    except (aiohttp.ClientError, asyncio.TimeoutError):
+                        ok = False
+                    if not ok and replica.live:
+                        await self.report_failure(replica.url)
+
+    # ---- state ---------------------------------------------------------------------------------
+
+    async def queued_total(self) -> int:
+        return len(self.admission.queue)
+
+    async def state(self) -> dict[str, Any]:
+        queue = self.admission.queue
+        return {
+            **{f"queued_{p.label}": queue.depth(p) for p in Priority},
+            "in_flight": self.admission.in_use,
+            "capacity": self.admission.capacity,
+            "replicas": len(self.admission.replicas),
+        }
+
+    def _not_ready_message(self, exc: NotReady) -> str:
+        if self._ever_ready:
+            return "no model replica is serving right now: recovering after a replica failure or restart"
+        return "the model is still loading"
+
+
+AdmissionDeployment = serve.deployment(
+    AdmissionActor,
+    name="Admission",
+    num_replicas=1,
+    ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": SINGLE_LOOP_ENV}},
+    max_ongoing_requests=100_000,
+)
