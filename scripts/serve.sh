@@ -3,7 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-# Ray Serve's throughput mode: the Router listens on :8000 itself (no proxy hop) and replicas keep one
-# event loop. Measured in docs/benchmarks.md; set it to 0 to get Ray's default proxy.
-export RAY_SERVE_THROUGHPUT_OPTIMIZED=${RAY_SERVE_THROUGHPUT_OPTIMIZED:-1}
+# The Router listens on :8000 itself (the config turns Ray's proxy off), so there is no proxy hop.
 exec .venv/bin/serve run "${1:-configs/local.yaml}"

@@ -15,6 +15,14 @@ from typing import Any
 SUPPORTED_VLLM = ((0, 26), (0, 33))
 
 
+# `vllm serve`'s parser: 0.33, 0.32, 0.26 (newest layout first).
+CLI_ARGS_MODULES = (
+    "vllm.entrypoints.common.cli_args",
+    "vllm.entrypoints.launchers.cli_args",
+    "vllm.entrypoints.openai.cli_args",
+)
+
+
 class UnsupportedVLLM(RuntimeError):
     pass
 
@@ -76,12 +84,9 @@ def request_models() -> tuple[type, type]:
 def parse_serve_cli(argv: list[str]) -> argparse.Namespace:
     """Parses argv exactly as `vllm serve` does, with its validation."""
     parser_cls = _first("FlexibleArgumentParser", "vllm.utils.argparse_utils")
-    make_arg_parser = _first(
-        "make_arg_parser", "vllm.entrypoints.launchers.cli_args", "vllm.entrypoints.openai.cli_args"
-    )
-    validate = _first(
-        "validate_parsed_serve_args", "vllm.entrypoints.launchers.cli_args", "vllm.entrypoints.openai.cli_args"
-    )
+    modules = CLI_ARGS_MODULES
+    make_arg_parser = _first("make_arg_parser", *modules)
+    validate = _first("validate_parsed_serve_args", *modules)
     args = make_arg_parser(parser_cls(prog="serve_app-engine")).parse_args(argv)
     validate(args)
     return args

@@ -33,10 +33,13 @@ def test_config_validates(path: Path):
     assert options["autoscaling_config"]["max_replicas"] >= options["autoscaling_config"]["min_replicas"]
     serve_args = parse_serve_args("/models/placeholder", args.llm.model_id, args.llm.engine_options())
     assert serve_args.scheduling_policy == "priority"
+    assert raw["proxy_location"] == "Disabled" and args.http.port == 8000, "the Routers own port 8000"
     if args.llm.accelerator == "gpu":
         assert options["ray_actor_options"]["num_gpus"] == 1
-        assert serve_args.reasoning_parser == "qwen3"
-        assert serve_args.max_num_seqs and serve_args.max_num_batched_tokens
+        assert args.router.num_replicas >= 2, "GPU configs scale the ingress out"
+        if "bench" not in path.name:  # the benchmark config copies bare vLLM's options instead
+            assert serve_args.reasoning_parser == "qwen3"
+            assert serve_args.max_num_seqs and serve_args.max_num_batched_tokens
     else:
         assert options["ray_actor_options"]["num_gpus"] == 0
 

@@ -46,6 +46,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompts", type=Path, help="JSONL file of prompts (default: built-in prompts)")
     p.add_argument("--priority-mix", help="e.g. high:0.2,medium:0.3,low:0.5 (sent in the priority header)")
     p.add_argument("--priority-header", default="X-Priority")
+    p.add_argument(
+        "--priority-as",
+        choices=["header", "vllm"],
+        default="header",
+        help="send the class in the priority header, or as bare vLLM's integer `priority` field",
+    )
     p.add_argument("--slo", help="goodput SLOs, e.g. ttft_ms=500,tpot_ms=50,e2el_ms=5000")
     p.add_argument("--timeout", type=float, default=120.0, help="per-request timeout, s")
     p.add_argument("--sync-workers", type=int, default=64, help="thread pool size of the sync client in open loop")
@@ -123,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     (folder / "requests.jsonl").write_text("")
     max_tokens = args.max_tokens or None
     targets = {
-        name: Target(url, model, args.endpoint, args.priority_header, args.ignore_eos, args.timeout)
+        name: Target(url, model, args.endpoint, args.priority_header, args.ignore_eos, args.timeout, args.priority_as)
         for name, url in servers.items()
     }
     steps = plan(args, servers)

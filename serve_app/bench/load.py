@@ -19,6 +19,7 @@ from serve_app.bench.clients import CLOCK, RequestResult, send_async, send_sync
 from serve_app.bench.workload import RequestSpec, request_body
 
 Progress = Callable[[RequestResult], None]
+VLLM_PRIORITY = {"high": 0, "medium": 1, "low": 2}  # what `vllm serve --scheduling-policy priority` reads
 
 
 @dataclass(frozen=True)
@@ -29,14 +30,18 @@ class Target:
     priority_header: str = "X-Priority"
     ignore_eos: bool = False
     timeout_s: float = 120.0
+    priority_as: str = "header"  # "vllm": bare vLLM's integer body field instead (high=0, medium=1, low=2)
 
     @property
     def path(self) -> str:
         return "/v1/chat/completions" if self.endpoint == "chat" else "/v1/completions"
 
     def prepare(self, spec: RequestSpec) -> tuple[dict, dict[str, str]]:
+        body = request_body(spec, self.model, self.endpoint, self.ignore_eos)
+        if spec.priority and self.priority_as == "vllm":
+            return {**body, "priority": VLLM_PRIORITY[spec.priority]}, {}
         headers = {self.priority_header: spec.priority} if spec.priority else {}
-        return request_body(spec, self.model, self.endpoint, self.ignore_eos), headers
+        return body, headers
 
 
 @dataclass

@@ -1,0 +1,98 @@
+"""One open-loop schedule spread over several client processes, merged into one summary.
+
+A single Python client saturates near 15k tokens/s; past that it measures itself. Each process
+sends its share (rate / N, its own Poisson seed) on a clock shared through a common start time,
+and the results are summarized together, per priority, as one run.
+
+    python -m serve_app.bench.split --url http://127.0.0.1:8000 --rate 80 --processes 4 \\
+        --requests 2400 --max-tokens 256 --priority-mix high:0.2,medium:0.3,low:0.5 --out run.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import sys
+import time
+from typing import Any
+
+from serve_app.bench.clients import RequestResult
+from serve_app.bench.load import Target, run_step
+from serve_app.bench.metrics import summarize
+from serve_app.bench.workload import arrival_times, build_requests, load_prompts, parse_priority_mix
+
+
+def _worker(job: dict[str, Any]) -> tuple[list[dict[str, Any]], float, float]:
+    target = Target(**job["target"])
+    specs = build_requests(job["count"], load_prompts(None), job["max_tokens"], job["mix"], job["seed"])
+    arrivals = arrival_times(job["count"], job["rate"], "poisson", job["seed"])
+    delay = job["start_at"] - time.time()
+    if delay > 0:
+        time.sleep(delay)
+    run = run_step(target, "async", specs, arrivals=arrivals)
+    return [r.to_dict() for r in run.results], run.duration_s, run.client_cpu_s
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--model", default=None, help="default: the first from /v1/models")
+    p.add_argument("--rate", type=float, required=True, help="total requests/s over all processes")
+    p.add_argument("--processes", type=int, default=4)
+    p.add_argument("--requests", type=int, required=True, help="total requests")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--priority-mix", default=None)
+    p.add_argument("--priority-as", choices=["header", "vllm"], default="header")
+    p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the merged summary here (JSON)")
+    args = p.parse_args(argv)
+
+    import httpx
+
+    model = args.model or httpx.get(f"{args.url}/v1/models", timeout=30).json()["data"][0]["id"]
+    target = {
+        "base_url": args.url,
+        "model": model,
+        "ignore_eos": True,
+        "timeout_s": args.timeout,
+        "priority_as": args.priority_as,
+    }
+    start_at = time.time() + 2.0  # every process starts its schedule at the same moment
+    jobs = [
+        {
+            "target": target,
+            "count": args.requests // args.processes,
+            "rate": args.rate / args.processes,
+            "max_tokens": args.max_tokens,
+            "mix": parse_priority_mix(args.priority_mix),
+            "seed": args.seed + i,
+            "start_at": start_at,
+        }
+        for i in range(args.processes)
+    ]
+    with multiprocessing.get_context("spawn").Pool(args.processes) as pool:
+        parts = pool.map(_worker, jobs)
+    results = [RequestResult(**r) for rows, _, _ in parts for r in rows]
+    duration_s = max(d for _, d, _ in parts)
+    summary = summarize(results, duration_s, {})
+    summary["client_cpu_s_per_process"] = [c for _, _, c in parts]
+    summary["settings"] = vars(args)
+    line = f"{args.url}: ok {summary['completed']}/{summary['requests']} in {duration_s:.1f}s"
+    line += f" ({summary['request_throughput']:.1f} req/s, {summary['output_token_throughput']:.0f} tok/s)"
+    print(line + (" [client-bound]" if summary.get("client_bound") else ""))
+    for name, part in summary.get("per_priority", {}).items():
+        ttft = part["ttft_ms"]
+        print(
+            f"  {name:6s} ok {part['completed']}/{part['requests']} rejected {part['outcomes']['rate_limited']} "
+            f"TTFT p50 {ttft['p50'] or 0:.0f} ms p99 {ttft['p99'] or 0:.0f} ms"
+        )
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(summary, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""The one module that knows where vLLM keeps its internals."""
+
+from __future__ import annotations
+
+import pytest
+
+from serve_app import vllm_compat
+
+
+@pytest.mark.parametrize("version", ["0.26.0", "0.32.0", "0.33.1", "0.33.0rc1"])
+def test_supported_versions_pass(version):
+    assert vllm_compat.check_version(version) == version
+
+
+@pytest.mark.parametrize("version", ["0.25.1", "0.34.0", "1.0.0"])
+def test_unsupported_versions_fail_with_the_range(version):
+    with pytest.raises(vllm_compat.UnsupportedVLLM, match=r"0\.26 to 0\.33"):
+        vllm_compat.check_version(version)
+
+
+def test_installed_vllm_is_supported_and_every_name_resolves():
+    vllm_compat.check_version()
+    assert callable(vllm_compat.init_app_state())
+    assert callable(vllm_compat.create_error_response())
+    chat, completion = vllm_compat.request_models()
+    assert chat.__name__ == "ChatCompletionRequest" and completion.__name__ == "CompletionRequest"
+    args = vllm_compat.parse_serve_cli(["--model", "/models/x", "--max-model-len", "512"])
+    assert args.max_model_len == 512
+
+
+def test_a_name_missing_everywhere_says_where_it_looked():
+    with pytest.raises(vllm_compat.UnsupportedVLLM, match="no no_such_name in any of json, os"):
+        vllm_compat._first("no_such_name", "json", "os")
