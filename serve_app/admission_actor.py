@@ -114,8 +114,10 @@ class AdmissionActor:
 
     # ---- state ---------------------------------------------------------------------------------
 
-    async def queued_total(self) -> int:
-        return len(self.admission.queue)
+    async def replica_load(self, replica_id: str) -> dict[str, int]:
+        """For the autoscaler: requests on this replica, and everything waiting at the gateway."""
+        replica = next((r for r in self.admission.replicas if r.replica_id == replica_id), None)
+        return {"in_flight": replica.in_flight if replica else 0, "queued": len(self.admission.queue)}
 
     async def state(self) -> dict[str, Any]:
         queue = self.admission.queue

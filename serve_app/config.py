@@ -75,6 +75,7 @@ class LLMConfig(StrictModel):
     )
     env_vars: dict[str, str] = Field(default_factory=dict, description="environment of each engine replica")
     num_cpus: float = Field(1.0, ge=0)
+    startup_timeout_s: float = Field(900.0, gt=0, description="how long vLLM's server may take to load and warm up")
     autoscaling: AutoscalingConfig = AutoscalingConfig()
 
     @property
@@ -82,13 +83,10 @@ class LLMConfig(StrictModel):
         return int(self.engine_kwargs.get("tensor_parallel_size", 1))
 
     def engine_options(self) -> dict[str, Any]:
-        """The engine kwargs plus what the model or the layout needs: the default model's dtype, and
-        for tensor parallelism, workers as Ray actors inside the replica's placement group."""
+        """The engine kwargs plus what the default model needs (its dtype)."""
         options = dict(self.engine_kwargs)
         if self.model_source == DEFAULT_MODEL_SOURCE:
             options = {**DEFAULT_MODEL_ENGINE_KWARGS, **options}
-        if self.tensor_parallel_size > 1:
-            options.setdefault("distributed_executor_backend", "ray")
         return options
 
     @model_validator(mode="after")
@@ -98,7 +96,8 @@ class LLMConfig(StrictModel):
         return self
 
     def deployment_options(self) -> dict[str, Any]:
-        """One GPU per replica; with tensor parallelism, a placement group of one bundle per GPU."""
+        """One GPU per replica; with tensor parallelism, `tensor_parallel_size` GPUs of one node, which
+        vLLM's server (a child process of the replica) drives with its own multiprocessing workers."""
         env = dict(SINGLE_LOOP_ENV)
         if self.accelerator == "cpu":
             env["VLLM_CPU_KVCACHE_SPACE"] = "1"
@@ -111,15 +110,7 @@ class LLMConfig(StrictModel):
             "health_check_timeout_s": 60,
             "graceful_shutdown_timeout_s": 30,
         }
-        if self.accelerator == "gpu" and self.tensor_parallel_size > 1:
-            bundles = [{"CPU": self.num_cpus, "GPU": 1}] + [{"GPU": 1}] * (self.tensor_parallel_size - 1)
-            options["placement_group_bundles"] = bundles
-            options["placement_group_strategy"] = "PACK"
-            actor.pop("num_cpus")
-        elif self.accelerator == "gpu":
-            actor["num_gpus"] = 1
-        else:
-            actor["num_gpus"] = 0
+        actor["num_gpus"] = self.tensor_parallel_size if self.accelerator == "gpu" else 0
         options["ray_actor_options"] = actor
         return options
 

@@ -6,9 +6,8 @@ import argparse
 import json
 from typing import Any
 
-# The gateway's own choices: the engine must schedule by priority, and the router counts
-# tokens from usage, so the final usage chunk is always requested from the engine.
-GATEWAY_ENGINE_DEFAULTS: dict[str, Any] = {"scheduling_policy": "priority", "disable_log_stats": True}
+# The gateway's own choice: the engine must schedule by priority (the Router sends it 0, 1 or 2).
+GATEWAY_ENGINE_DEFAULTS: dict[str, Any] = {"scheduling_policy": "priority"}
 
 
 def to_cli(options: dict[str, Any]) -> list[str]:
@@ -31,10 +30,31 @@ def to_cli(options: dict[str, Any]) -> list[str]:
     return argv
 
 
+def _engine_flags(engine_kwargs: dict[str, Any]) -> list[str]:
+    options = {**GATEWAY_ENGINE_DEFAULTS, **engine_kwargs}
+    for owned in ("model", "served_model_name", "host", "port"):  # the gateway sets these itself
+        options.pop(owned, None)
+    return to_cli(options)
+
+
 def parse_serve_args(model: str, served_model_name: str, engine_kwargs: dict[str, Any]) -> argparse.Namespace:
+    """What `vllm serve` will make of the options: fails early, with vLLM's own message, on a bad one."""
     from serve_app import vllm_compat
 
-    options = {**GATEWAY_ENGINE_DEFAULTS, **engine_kwargs}
-    options.pop("model", None)
-    options.pop("served_model_name", None)
-    return vllm_compat.parse_serve_cli(["--model", model, "--served-model-name", served_model_name, *to_cli(options)])
+    argv = ["--model", model, "--served-model-name", served_model_name, *_engine_flags(engine_kwargs)]
+    return vllm_compat.parse_serve_cli(argv)
+
+
+def serve_argv(model: str, served_model_name: str, engine_kwargs: dict[str, Any], host: str, port: int) -> list[str]:
+    """The arguments of vLLM's OpenAI server for one replica."""
+    return [
+        "--model",
+        model,
+        "--served-model-name",
+        served_model_name,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        *_engine_flags(engine_kwargs),
+    ]

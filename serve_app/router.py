@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -26,7 +27,6 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from serve_app import http_server
 from serve_app.config import SINGLE_LOOP_ENV, AppArgs
 from serve_app.errors import GatewayError
-from serve_app.llm_server import ENDPOINT_PATHS, SSE_DONE, TOKENS_HEADER, TOKENS_TRAILER
 from serve_app.metrics_reporter import MetricsReporter
 from serve_app.priority import PRIORITY_HEADER, InvalidPriority, Priority, request_priority
 from serve_app.request_body import engine_body
@@ -35,8 +35,10 @@ from serve_app.stats import Outcome, RequestRecord
 logger = logging.getLogger("ray.serve")
 
 NOT_READY_RETRY_S = 5
-DONE = SSE_DONE.encode()
-TRAILER = TOKENS_TRAILER.encode()
+ENDPOINT_PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+DONE = b"data: [DONE]\n\n"
+USAGE = b'"usage":{'  # only vLLM's final usage chunk has a usage object in a stream
+COMPLETION_TOKENS = re.compile(rb'"completion_tokens":\s*(\d+)')
 
 
 @dataclass
@@ -53,6 +55,7 @@ class InFlight:
     upstream: aiohttp.ClientResponse | None = None
     first_chunk_at: float | None = None
     output_tokens: int | None = None
+    client_wants_usage: bool = True
     finished: bool = False
 
     def finish(self, outcome: Outcome, kind: str | None = None) -> None:
@@ -163,8 +166,8 @@ class Router:
         if upstream.status >= 400:
             flight.finish("error", _error_kind(upstream.status, payload))
         else:
-            tokens = upstream.headers.get(TOKENS_HEADER)
-            flight.output_tokens = int(tokens) if tokens else None
+            found = COMPLETION_TOKENS.search(payload)
+            flight.output_tokens = int(found.group(1)) if found else None
             flight.finish("completed")
         return Response(payload, status_code=upstream.status, headers=headers, media_type="application/json")
 
@@ -259,7 +262,12 @@ class Router:
         flight.admitted = True
         flight.queue_wait_s = grant["queue_wait_s"]
         url = grant["url"] + ENDPOINT_PATHS[flight.endpoint]
-        payload = json.dumps(engine_body(body, flight.priority)).encode()
+        sent = engine_body(body, flight.priority)
+        if sent.get("stream"):  # the Router counts tokens from the final usage chunk, and drops it if unasked
+            options = sent.get("stream_options") or {}
+            flight.client_wants_usage = bool(options.get("include_usage"))
+            sent["stream_options"] = {**options, "include_usage": True}
+        payload = json.dumps(sent).encode()
         try:
             flight.upstream = await self.session.post(url, data=payload, headers={"content-type": "application/json"})
         except (aiohttp.ClientError, OSError) as exc:
@@ -282,12 +290,14 @@ class Router:
             async for data in upstream.content.iter_any():
                 if flight.first_chunk_at is None:
                     flight.first_chunk_at = time.monotonic()
+                if USAGE in data:
+                    data = self._take_usage(flight, data)
                 if data.endswith(DONE):
-                    data = self._take_trailer(flight, data)
                     yield data
                     flight.finish("completed")  # the answer is whole even if the client hangs up now
                     return
-                yield data
+                if data:
+                    yield data
             failure = "the stream ended before [DONE]"
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             failure = type(exc).__name__
@@ -297,16 +307,19 @@ class Router:
         yield f"data: {json.dumps(error.body())}\n\ndata: [DONE]\n\n".encode()
 
     @staticmethod
-    def _take_trailer(flight: InFlight, data: bytes) -> bytes:
-        at = data.rfind(TRAILER)
-        if at < 0:
-            return data
+    def _take_usage(flight: InFlight, data: bytes) -> bytes:
+        """Reads the completion tokens from vLLM's usage event and removes the event unless the client
+        asked for it. vLLM writes each event in one write, so a read never splits one on a local link;
+        if it ever did, the client would merely see the usage it did not ask for."""
+        at = data.find(USAGE)
+        start = data.rfind(b"data: ", 0, at)
         end = data.find(b"\n\n", at)
-        try:
-            flight.output_tokens = int(data[at + len(TRAILER) : end])
-        except ValueError:
-            pass
-        return data[:at] + data[end + 2 :]
+        if start < 0 or end < 0:
+            return data
+        found = COMPLETION_TOKENS.search(data, at, end)
+        if found:
+            flight.output_tokens = int(found.group(1))
+        return data if flight.client_wants_usage else data[:start] + data[end + 2 :]
 
     def _release(self, flight: InFlight) -> None:
         self.admission.release.remote(flight.request_id)

