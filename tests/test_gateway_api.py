@@ -26,7 +26,12 @@ def test_chat_non_streaming_with_openai_sdk(gateway):
 
 def test_chat_streaming_with_usage_with_openai_sdk(gateway):
     stream = client(gateway).chat.completions.create(
-        model=MODEL_ID, messages=CHAT, max_tokens=12, stream=True, stream_options={"include_usage": True}
+        model=MODEL_ID,
+        messages=CHAT,
+        max_tokens=12,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},  # exactly 12 tokens: sampling may otherwise stop early
     )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -54,11 +59,18 @@ async def test_async_openai_sdk_streaming_and_not(gateway):
 
 def test_completions_streaming_and_not_and_models(gateway):
     sdk = client(gateway)
-    reply = sdk.completions.create(model=MODEL_ID, prompt="The capital of France is", max_tokens=6)
+    reply = sdk.completions.create(
+        model=MODEL_ID, prompt="The capital of France is", max_tokens=6, extra_body={"ignore_eos": True}
+    )
     assert reply.choices[0].text and reply.usage.completion_tokens == 6
     chunks = list(
         sdk.completions.create(
-            model=MODEL_ID, prompt="One, two,", max_tokens=6, stream=True, stream_options={"include_usage": True}
+            model=MODEL_ID,
+            prompt="One, two,",
+            max_tokens=6,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
         )
     )
     assert "".join(c.choices[0].text for c in chunks if c.choices)
