@@ -116,7 +116,7 @@ class AdmissionActor:
 
     async def replica_load(self, replica_id: str) -> dict[str, int]:
         """For the autoscaler: requests on this replica, and everything waiting at the gateway."""
-        replica = next((r for r in self.admission.replicas if r.replica_id == replica_id), None)
+        replica = self.admission.replicas.get(replica_id)
         return {"in_flight": replica.in_flight if replica else 0, "queued": len(self.admission.queue)}
 
     async def state(self) -> dict[str, Any]:

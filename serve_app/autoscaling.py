@@ -20,11 +20,11 @@ def desired_replicas(ongoing: float, queued: float, target_per_replica: float, l
 def queue_aware_policy(ctx: Any) -> tuple[int, dict[str, Any]]:
     """Ray Serve custom policy (`autoscaling_config.policy.policy_function`)."""
     metrics = ctx.aggregated_metrics or {}
+    if not metrics:  # no report yet (replicas starting): keep what we have
+        return ctx.target_num_replicas, {}
     ongoing = sum((metrics.get("ongoing") or {}).values())
     # Every replica reports the same gateway queue; take the freshest-looking (largest) report once.
     queued = max((metrics.get("queued") or {}).values(), default=0.0)
-    if not metrics:  # no report yet (replicas starting): keep what we have
-        return ctx.target_num_replicas, {}
     target = ctx.config.get_target_ongoing_requests()
     return desired_replicas(
         ongoing, queued, target, ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas

@@ -1,8 +1,8 @@
 """An HTTP server inside a Ray Serve replica, on the replica's own event loop.
 
-The Router listens on the public port itself (no Ray proxy hop), and the LLMServer answers the
-Router over plain HTTP, so a streamed token is bytes in a socket, not a Ray object. Several
-Router replicas on one node share the port through SO_REUSEPORT; the kernel spreads connections.
+The Router listens on the public port itself (no Ray proxy hop) and reaches vLLM's own server
+over plain HTTP, so a streamed token is bytes in a socket, not a Ray object. Several Router
+replicas on one node share the port through SO_REUSEPORT; the kernel spreads connections.
 """
 
 from __future__ import annotations
@@ -23,13 +23,12 @@ class PortInUse(RuntimeError):
     pass
 
 
-def bind(host: str, port: int, *, share: bool) -> socket.socket:
-    """A listening socket; `share` lets every Router replica on this node bind the same port."""
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket that every Router replica on this node may bind too (SO_REUSEPORT)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if share:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:

@@ -53,6 +53,9 @@ class ReplicaSet:
             replica.live = False
         return replica
 
+    def get(self, replica_id: str) -> Replica | None:
+        return self._replicas.get(replica_id)
+
     def by_url(self, url: str) -> Replica | None:
         return next((r for r in self._replicas.values() if r.url == url), None)
 

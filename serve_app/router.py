@@ -25,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from serve_app import http_server
+from serve_app.admission_actor import NOT_READY_RETRY_S
 from serve_app.config import SINGLE_LOOP_ENV, AppArgs
 from serve_app.errors import GatewayError
 from serve_app.metrics_reporter import MetricsReporter
@@ -34,7 +35,6 @@ from serve_app.stats import Outcome, RequestRecord
 
 logger = logging.getLogger("ray.serve")
 
-NOT_READY_RETRY_S = 5
 ENDPOINT_PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 DONE = b"data: [DONE]\n\n"
 USAGE = b'"usage":{'  # only vLLM's final usage chunk has a usage object in a stream
@@ -108,7 +108,7 @@ class Router:
         self._background = [asyncio.ensure_future(self.reporter.run())]
         self._server = None
         if args.http.port:
-            sock = http_server.bind(args.http.host, args.http.port, share=True)
+            sock = http_server.bind(args.http.host, args.http.port)
             self._server = await http_server.start(self, sock)
 
     # ---- HTTP ----------------------------------------------------------------------------------
@@ -175,10 +175,7 @@ class Router:
         return JSONResponse(await self.models())
 
     async def _http_health(self, request: Request) -> Response:
-        state = await self.admission.state.remote()
-        if state["capacity"] == 0:
-            raise GatewayError(503, "no model replica is ready to serve", retry_after_s=NOT_READY_RETRY_S)
-        return JSONResponse({"status": "ok", **state})
+        return JSONResponse({"status": "ok", **await self._ready_state()})
 
     async def _http_prometheus(self, request: Request) -> Response:
         await self.reporter.flush()
@@ -200,11 +197,16 @@ class Router:
 
     async def models(self) -> dict[str, Any]:
         if self._models is None:
-            state = await self.admission.state.remote()
-            if state["capacity"] == 0:
-                raise GatewayError(503, "no model replica is ready to serve", retry_after_s=NOT_READY_RETRY_S)
+            await self._ready_state()
             self._models = await self.llm.models.remote()
         return self._models
+
+    async def _ready_state(self) -> dict[str, Any]:
+        """Admission's picture of the gateway; 503 while no replica can serve."""
+        state = await self.admission.state.remote()
+        if state["capacity"] == 0:
+            raise GatewayError(503, "no model replica is ready to serve", retry_after_s=NOT_READY_RETRY_S)
+        return state
 
     async def stats(self) -> dict[str, Any]:
         await self.reporter.flush()
