@@ -1,8 +1,12 @@
-"""The one Admission replica: the priority queues and dispatch slots that every Router shares.
+"""The priority queues and dispatch slots that every Router shares, in one actor.
 
-Each request costs one `acquire` call, which returns the replica to send it to, and one `release`;
-no token passes through here. One place for the queues keeps priority order exact across any
-number of Routers: a freed slot always goes to the best waiter of the whole gateway.
+Each request costs one `acquire` call, which returns the replica to send it to, and a share of
+one `release_many` call; no token passes through here. One place for the queues keeps priority
+order exact across any number of Routers: a freed slot goes to the best waiter of the gateway.
+
+The slot keeper is a plain Ray actor, owned by the one-replica Admission deployment that ties it
+to the application's life. Callers reach it directly (`AdmissionClient`): a plain actor call
+measured 2.4x cheaper than the same call through a Serve handle (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -12,10 +16,13 @@ import logging
 from typing import Any
 
 import aiohttp
+import ray
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.handle import DeploymentHandle
 
 from serve_app.admission import Admission, NotReady, QueueFull, QueueTimeout, Slot
-from serve_app.config import SINGLE_LOOP_ENV, QueueConfig
+from serve_app.config import NO_ACCESS_LOG, SINGLE_LOOP_ENV, QueueConfig
 from serve_app.errors import GatewayError
 from serve_app.priority import Priority
 from serve_app.replica_set import ReplicaSet
@@ -45,6 +52,9 @@ class AdmissionActor:
         self._waiting[request_id] = task
         try:
             slot = await task
+        except asyncio.CancelledError:
+            self._released_early.discard(request_id)
+            raise
         except QueueFull as exc:
             raise GatewayError(429, f"{exc}; retry later", retry_after_s=exc.retry_after_s, kind="queue_full") from None
         except QueueTimeout as exc:
@@ -64,17 +74,18 @@ class AdmissionActor:
         self._slots[request_id] = slot
         return {"url": slot.replica.url, "queue_wait_s": slot.queue_wait_s}
 
-    async def release(self, request_id: str) -> None:
-        """Idempotent. A Router also calls it when the client left while queued, which covers the race
-        where the grant and the cancellation cross."""
-        slot = self._slots.pop(request_id, None)
-        if slot is not None:
-            self.admission.release(slot)
-            return
-        task = self._waiting.get(request_id)
-        if task is not None:
-            self._released_early.add(request_id)
-            task.cancel()
+    async def release_many(self, request_ids: list[str]) -> None:
+        """Idempotent. A Router also releases a request whose client left while queued, which covers the
+        race where the grant and the cancellation cross."""
+        for request_id in request_ids:
+            slot = self._slots.pop(request_id, None)
+            if slot is not None:
+                self.admission.release(slot)
+                continue
+            task = self._waiting.get(request_id)
+            if task is not None:
+                self._released_early.add(request_id)
+                task.cancel()
 
     # ---- replicas ------------------------------------------------------------------------------
 
@@ -85,6 +96,12 @@ class AdmissionActor:
         self.admission.replicas_changed()
         if self._checker is None:
             self._checker = asyncio.ensure_future(self._check_replicas())
+
+    async def ensure_replica(self, replica_id: str, url: str, max_ongoing: int) -> None:
+        """Registers a healthy replica that the keeper does not know: after the keeper restarted, or after
+        a check dropped it for a passing fault. A known replica keeps its slot counts."""
+        if self.admission.replicas.get(replica_id) is None:
+            await self.register_replica(replica_id, url, max_ongoing)
 
     async def deregister_replica(self, replica_id: str) -> None:
         if self.admission.replicas.remove(replica_id) is not None:
@@ -134,10 +151,66 @@ class AdmissionActor:
         return "the model is still loading"
 
 
+class AdmissionOwner:
+    """The Admission deployment: creates the slot keeper, hands out its actor handle, and fails its health
+    check when the keeper is gone, so Ray Serve restarts both."""
+
+    def __init__(self, queue: QueueConfig, replica_check_s: float = 2.0) -> None:
+        keeper = ray.remote(num_cpus=0, max_concurrency=1_000_000)(AdmissionActor)
+        self.keeper = keeper.remote(queue, replica_check_s)
+
+    async def keeper_handle(self) -> Any:
+        return self.keeper
+
+    async def check_health(self) -> None:
+        await self.keeper.state.remote()
+
+
+class AdmissionClient:
+    """What Routers and LLMServers hold: direct calls to the slot keeper, found again after a restart,
+    and releases sent in batches: one call in flight at a time carries every release made meanwhile."""
+
+    def __init__(self, owner: DeploymentHandle) -> None:
+        self._owner = owner
+        self._keeper: Any = None
+        self._releases: list[str] = []
+        self._releasing = False
+
+    async def call(self, method: str, *args: Any) -> Any:
+        for attempt in (1, 2):
+            if self._keeper is None:
+                self._keeper = await self._owner.keeper_handle.remote()
+            try:
+                return await getattr(self._keeper, method).remote(*args)
+            except RayActorError:
+                self._keeper = None  # restarted with the Admission replica: ask its owner again
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def release(self, request_id: str) -> None:
+        self._releases.append(request_id)
+        if not self._releasing:
+            self._releasing = True
+            asyncio.ensure_future(self._send_releases())
+
+    async def _send_releases(self) -> None:
+        try:
+            while self._releases:
+                batch, self._releases = self._releases, []
+                try:
+                    await self.call("release_many", batch)
+                except Exception:  # a new keeper has no slots to free; nothing is lost by dropping these
+                    logger.exception("releasing %d slots failed", len(batch))
+        finally:
+            self._releasing = False
+
+
 AdmissionDeployment = serve.deployment(
-    AdmissionActor,
+    AdmissionOwner,
     name="Admission",
     num_replicas=1,
     ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": SINGLE_LOOP_ENV}},
-    max_ongoing_requests=100_000,
+    health_check_period_s=5,
+    logging_config=NO_ACCESS_LOG,
 )

@@ -42,6 +42,9 @@ CONTROL_CALL_HEADROOM = 4
 # measured on 2 CPU cores, this took the gateway from 0.73x to 0.90x of bare vLLM's throughput.
 SINGLE_LOOP_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 
+# Ray Serve logs a line per handle call by default: two per request at Admission, more for metrics.
+NO_ACCESS_LOG = {"enable_access_log": False}
+
 
 class AutoscalingConfig(StrictModel):
     """Replicas follow ongoing plus queued requests (`serve_app.autoscaling`), aiming at `target_ongoing_requests`

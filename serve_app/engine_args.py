@@ -6,8 +6,9 @@ import argparse
 import json
 from typing import Any
 
-# The gateway's own choice: the engine must schedule by priority (the Router sends it 0, 1 or 2).
-GATEWAY_ENGINE_DEFAULTS: dict[str, Any] = {"scheduling_policy": "priority"}
+# The gateway's own choices: the engine must schedule by priority (the Router sends it 0, 1 or 2), and
+# vLLM's server logs no access line per request or health check (the gateway counts requests itself).
+GATEWAY_ENGINE_DEFAULTS: dict[str, Any] = {"scheduling_policy": "priority", "disable_uvicorn_access_log": True}
 
 
 def to_cli(options: dict[str, Any]) -> list[str]:

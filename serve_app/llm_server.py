@@ -7,7 +7,7 @@ engine inside the replica process instead cost 5-15% of throughput, because Ray'
 share that process's GIL with the engine's output loop (docs/benchmarks.md).
 
 The replica registers the server's address with the Admission deployment, leaves it before it
-stops, and kills the server if the replica dies (PR_SET_PDEATHSIG), so a GPU is never orphaned.
+stops, and stops the server if the replica dies (PR_SET_PDEATHSIG), so a GPU is not left orphaned.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve_app import vllm_compat
-from serve_app.config import LLMConfig
+from serve_app.admission_actor import AdmissionClient
+from serve_app.config import NO_ACCESS_LOG, LLMConfig
 from serve_app.engine_args import parse_serve_args, serve_argv
 from serve_app.model_files import resolve_model_source
 
@@ -62,8 +63,10 @@ class LLMServer:
             await self.session.close()
             raise
         self.replica_id = serve.get_replica_context().replica_id.unique_id
-        self.admission = admission
-        await admission.register_replica.remote(self.replica_id, self.url, config.autoscaling.max_ongoing_requests)
+        self.admission = AdmissionClient(admission)
+        self.max_ongoing = config.autoscaling.max_ongoing_requests
+        self.leaving = False
+        await self.admission.call("register_replica", self.replica_id, self.url, self.max_ongoing)
         logger.info("LLMServer for %s ready at %s in %.1fs", config.model_id, self.url, time.monotonic() - started)
 
     async def _wait_ready(self, timeout_s: float) -> None:
@@ -88,28 +91,37 @@ class LLMServer:
         async with self.session.get(f"{self.url}/health") as response:
             if response.status != 200:
                 raise EngineExited(f"vLLM's server answers /health with {response.status}")
+        if not self.leaving:  # healthy: make sure Admission dispatches here (it may have restarted)
+            await self.admission.call("ensure_replica", self.replica_id, self.url, self.max_ongoing)
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """What `serve_app.autoscaling` scales on: requests running here, and the gateway's queue."""
-        load = await self.admission.replica_load.remote(self.replica_id)
+        load = await self.admission.call("replica_load", self.replica_id)
         return {"ongoing": float(load["in_flight"]), "queued": float(load["queued"])}
 
     async def __del__(self) -> None:
         """On downscale or shutdown: leave the Admission pool first, so no new request is sent here."""
+        self.leaving = True
         try:
-            await self.admission.deregister_replica.remote(self.replica_id)
+            await self.admission.call("deregister_replica", self.replica_id)
         except Exception:
             pass
         self._stop()
         await self.session.close()
 
     def _stop(self) -> None:
+        """SIGTERM lets vLLM's server stop its engine; its process group (engine core included) is killed
+        if it has not finished in time."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                pass
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     # ---- control calls (Ray handle) -------------------------------------------------------------
 
@@ -135,12 +147,14 @@ def _free_port(host: str) -> int:
 
 
 def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGKILL it when the replica process dies, however it dies."""
+    """Runs in the child before exec: SIGTERM it when the replica process dies, however it dies. A SIGTERM,
+    not a SIGKILL: vLLM's server then stops its engine-core process, which a SIGKILL would leave orphaned
+    and holding the GPU (seen on CPU). Its own process group lets `_stop` kill server and engine together."""
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
-    os.setpgrp()  # its own process group: Ray's signals to the replica do not reach it twice
+    os.setpgrp()
 
 
-LLMDeployment = serve.deployment(LLMServer, name="LLMServer")
+LLMDeployment = serve.deployment(LLMServer, name="LLMServer", logging_config=NO_ACCESS_LOG)

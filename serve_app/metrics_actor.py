@@ -6,6 +6,7 @@ from typing import Any
 
 from ray import serve
 
+from serve_app.config import NO_ACCESS_LOG
 from serve_app.otel import OtelBridge
 from serve_app.stats import GatewayStats, RequestRecord
 
@@ -38,5 +39,10 @@ class Metrics:
 
 
 MetricsDeployment = serve.deployment(
-    Metrics, name="Metrics", num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000
+    Metrics,
+    name="Metrics",
+    num_replicas=1,
+    ray_actor_options={"num_cpus": 0},
+    max_ongoing_requests=1000,
+    logging_config=NO_ACCESS_LOG,
 )

@@ -25,8 +25,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from serve_app import http_server
-from serve_app.admission_actor import NOT_READY_RETRY_S
-from serve_app.config import SINGLE_LOOP_ENV, AppArgs
+from serve_app.admission_actor import NOT_READY_RETRY_S, AdmissionClient
+from serve_app.config import NO_ACCESS_LOG, SINGLE_LOOP_ENV, AppArgs
 from serve_app.errors import GatewayError
 from serve_app.metrics_reporter import MetricsReporter
 from serve_app.priority import PRIORITY_HEADER, InvalidPriority, Priority, request_priority
@@ -85,7 +85,7 @@ class Router:
     async def __init__(
         self, admission: DeploymentHandle, llm: DeploymentHandle, metrics: DeploymentHandle, args: AppArgs
     ) -> None:
-        self.admission = admission
+        self.admission = AdmissionClient(admission)
         self.llm = llm
         self.metrics = metrics
         self.args = args
@@ -179,7 +179,7 @@ class Router:
 
     async def _http_prometheus(self, request: Request) -> Response:
         await self.reporter.flush()
-        text = await self.metrics.prometheus.remote(await self.admission.state.remote())
+        text = await self.metrics.prometheus.remote(await self.admission.call("state"))
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     async def _http_stats(self, request: Request) -> Response:
@@ -203,14 +203,14 @@ class Router:
 
     async def _ready_state(self) -> dict[str, Any]:
         """Admission's picture of the gateway; 503 while no replica can serve."""
-        state = await self.admission.state.remote()
+        state = await self.admission.call("state")
         if state["capacity"] == 0:
             raise GatewayError(503, "no model replica is ready to serve", retry_after_s=NOT_READY_RETRY_S)
         return state
 
     async def stats(self) -> dict[str, Any]:
         await self.reporter.flush()
-        return await self.metrics.summary.remote(await self.admission.state.remote())
+        return await self.metrics.summary.remote(await self.admission.call("state"))
 
     async def _handle_call(self, endpoint: str, body: dict[str, Any], priority: str | None) -> Any:
         arrived = time.monotonic()
@@ -250,7 +250,7 @@ class Router:
         """Queue for a slot, send to its replica, and return the replica's response once its headers are in.
         A rejection finishes the request and raises GatewayError."""
         try:
-            grant = await self.admission.acquire.remote(flight.request_id, int(flight.priority))
+            grant = await self.admission.call("acquire", flight.request_id, int(flight.priority))
         except GatewayError as exc:
             flight.finish("rejected" if exc.status in (429, 503) else "error", exc.kind)
             raise GatewayError(exc.status, exc.message, retry_after_s=exc.retry_after_s, kind=exc.kind) from None
@@ -273,7 +273,7 @@ class Router:
         try:
             flight.upstream = await self.session.post(url, data=payload, headers={"content-type": "application/json"})
         except (aiohttp.ClientError, OSError) as exc:
-            self.admission.report_failure.remote(grant["url"])
+            asyncio.ensure_future(self.admission.call("report_failure", grant["url"]))
             flight.finish("error", "engine_unreachable")
             raise GatewayError(
                 503,
@@ -324,7 +324,7 @@ class Router:
         return data if flight.client_wants_usage else data[:start] + data[end + 2 :]
 
     def _release(self, flight: InFlight) -> None:
-        self.admission.release.remote(flight.request_id)
+        self.admission.release(flight.request_id)
 
     def _on_finish(self, flight: InFlight, record: RequestRecord) -> None:
         if flight.admitted:
@@ -370,4 +370,5 @@ RouterDeployment = serve.deployment(
     name="Router",
     ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": SINGLE_LOOP_ENV}},
     max_ongoing_requests=100_000,
+    logging_config=NO_ACCESS_LOG,
 )

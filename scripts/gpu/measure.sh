@@ -43,6 +43,7 @@ if [[ " $PARTS " == *" closed "* ]]; then
     done
     wait
   done
+  curl -s -m 5 127.0.0.1:8000/v1/stats > "$raw/gateway_stats_after_closed.json"
 fi
 
 if [[ " $PARTS " == *" open "* ]]; then
