@@ -124,6 +124,7 @@ class HttpConfig(StrictModel):
 
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=0, le=65535, description="0: no server of our own; Ray's proxy calls the Router")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="a larger request body gets 413")
 
 
 class RouterConfig(StrictModel):

@@ -1,10 +1,33 @@
-"""What the router changes in a request body before the engine sees it."""
+"""What the router checks and changes in a request body before the engine sees it."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from serve_app.priority import PRIORITY_FIELD, Priority
+
+# The roles OpenAI's chat API accepts; vLLM lets any string through, OpenAI answers 400.
+CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+
+
+class InvalidBody(ValueError):
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def check_chat_roles(body: dict[str, Any]) -> None:
+    """Only the role of each message is looked at; everything else is the engine's to validate."""
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return  # missing or malformed: vLLM's own validation answers it
+    for i, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        if role is not None and role not in CHAT_ROLES:
+            raise InvalidBody(
+                f"messages[{i}].role {role!r} is not one of {', '.join(sorted(CHAT_ROLES))}", f"messages[{i}].role"
+            )
+
 
 # Fields LangChain users send through `extra_body` to switch Qwen3's thinking on or off.
 THINKING_FIELDS = ("enable_thinking", "return_reasoning")

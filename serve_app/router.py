@@ -30,7 +30,7 @@ from serve_app.config import NO_ACCESS_LOG, SINGLE_LOOP_ENV, AppArgs
 from serve_app.errors import GatewayError
 from serve_app.metrics_reporter import MetricsReporter
 from serve_app.priority import PRIORITY_HEADER, InvalidPriority, Priority, request_priority
-from serve_app.request_body import engine_body
+from serve_app.request_body import InvalidBody, check_chat_roles, engine_body
 from serve_app.stats import Outcome, RequestRecord
 
 logger = logging.getLogger("ray.serve")
@@ -138,7 +138,9 @@ class Router:
 
     async def _http_generate(self, request: Request, endpoint: str) -> Response:
         arrived = time.monotonic()
-        body = await _json_body(request)
+        body = await _json_body(request, self.args.http.max_body_bytes)
+        if endpoint == "chat":
+            _roles_or_400(body)
         priority = _priority_or_400(request.headers.get(PRIORITY_HEADER), body)
         flight = InFlight(priority, endpoint, arrived, self._on_finish)
         try:
@@ -216,6 +218,8 @@ class Router:
         arrived = time.monotonic()
         if not isinstance(body, dict):
             raise GatewayError(400, "the request body must be a JSON object")
+        if endpoint == "chat":
+            _roles_or_400(body)
         flight = InFlight(_priority_or_400(priority, body), endpoint, arrived, self._on_finish)
         try:
             upstream = await self._dispatch(flight, body)
@@ -347,8 +351,21 @@ def _error_kind(status: int, payload: bytes) -> str:
         return "engine_error"
 
 
-async def _json_body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
+async def _json_body(request: Request, limit: int) -> dict[str, Any]:
+    """Reads at most `limit` bytes: a declared larger body is refused before reading, a body that turns out
+    larger while streaming in is refused as soon as it passes the limit."""
+    too_large = GatewayError(413, f"the request body is larger than the limit of {limit} bytes", kind="too_large")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -356,6 +373,13 @@ async def _json_body(request: Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise GatewayError(400, "the request body must be a JSON object")
     return body
+
+
+def _roles_or_400(body: dict[str, Any]) -> None:
+    try:
+        check_chat_roles(body)
+    except InvalidBody as exc:
+        raise GatewayError(400, str(exc), param=exc.param) from None
 
 
 def _priority_or_400(header: str | None, body: dict[str, Any]) -> Priority:

@@ -115,6 +115,25 @@ def test_bad_requests_get_openai_error_json(gateway):
     assert_openai_error(httpx.get(url), 405)
 
 
+def test_oversized_bodies_get_413_and_unknown_roles_400(gateway):
+    url = f"{gateway}/v1/chat/completions"
+    good = {"model": MODEL_ID, "messages": CHAT, "max_tokens": 4}
+    huge = {**good, "messages": [{"role": "user", "content": "x" * (9 * 1024 * 1024)}]}
+    error = assert_openai_error(httpx.post(url, json=huge, timeout=60), 413)
+    assert "limit" in error["message"]
+
+    def undeclared():  # chunked, no Content-Length: refused while it streams in
+        for _ in range(10):
+            yield b"x" * (1024 * 1024)
+
+    assert_openai_error(
+        httpx.post(url, content=undeclared(), headers={"content-type": "application/json"}, timeout=60), 413
+    )
+    wizard = {**good, "messages": [{"role": "wizard", "content": "hi"}]}
+    assert_openai_error(httpx.post(url, json=wizard, timeout=60), 400, param="messages[0].role")
+    assert httpx.post(url, json=good, timeout=60).status_code == 200, "the gateway still serves afterwards"
+
+
 def test_openai_sdk_raises_typed_errors(gateway):
     with pytest.raises(openai.NotFoundError):
         client(gateway).chat.completions.create(model="no-such-model", messages=CHAT, max_tokens=4)

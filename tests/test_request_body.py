@@ -1,6 +1,8 @@
+import pytest
+
 from serve_app.errors import GatewayError
 from serve_app.priority import Priority
-from serve_app.request_body import engine_body
+from serve_app.request_body import InvalidBody, check_chat_roles, engine_body
 
 
 def test_priority_becomes_vllm_integer_and_input_is_not_mutated():
@@ -30,3 +32,12 @@ def test_gateway_error_is_openai_shaped_and_survives_pickling():
     assert copy.body() == {"error": {"message": "queue full", "type": "RateLimitError", "param": None, "code": 429}}
     response = copy.response()
     assert response.status_code == 429 and response.headers["retry-after"] == "3"
+
+
+def test_chat_roles_outside_openais_set_are_refused_with_their_place():
+    good = {"messages": [{"role": r, "content": "x"} for r in ("system", "developer", "user", "assistant", "tool")]}
+    check_chat_roles(good)
+    check_chat_roles({"messages": "not a list"})  # malformed: left to vLLM's own validation
+    with pytest.raises(InvalidBody) as caught:
+        check_chat_roles({"messages": [{"role": "user", "content": "x"}, {"role": "wizard", "content": "y"}]})
+    assert caught.value.param == "messages[1].role" and "'wizard'" in str(caught.value)
