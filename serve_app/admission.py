@@ -1,7 +1,10 @@
-"""Asyncio glue around the queue policy: dispatch slots on the registered replicas, waiters, timeouts.
+"""Asyncio glue around the pure policies: dispatch slots on the registered replicas, waiters, timeouts.
 
-One slot is held per request sent to an LLM replica. When every slot is busy, requests wait in
-the priority queue; a slot freed by `release`, or added by a new replica, goes to the queue's pick.
+One slot is held per request sent to an LLM replica. A request gets a slot at once when a replica
+has room for its class (`replica_set`); otherwise it is refused at arrival if its predicted wait is
+past its class's bound (`shedding`), or waits in the priority queue (`request_queue`), where a
+high request may have a younger, not-yet-started lower one preempted for it (`preemption`). A
+freed slot, a raised limit or a new replica goes to the queue's pick.
 """
 
 from __future__ import annotations
@@ -9,13 +12,19 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
+from serve_app import shedding
+from serve_app.preemption import choose_victim, pending_asks
 from serve_app.priority import Priority
 from serve_app.replica_set import Replica, ReplicaSet
-from serve_app.request_queue import PriorityRequestQueue, QueueFull, estimate_retry_after
+from serve_app.request_queue import PriorityRequestQueue, QueueFull
 
-__all__ = ["Admission", "NotReady", "QueueFull", "QueueTimeout", "Slot"]
+__all__ = ["Admission", "NotReady", "QueueFull", "QueueTimeout", "Shed", "Slot"]
+
+# Completed requests needed before the mean service time is trusted for shedding.
+SHED_AFTER_SAMPLES = 8
 
 
 class NotReady(Exception):
@@ -30,13 +39,26 @@ class QueueTimeout(Exception):
         self.retry_after_s = retry_after_s
 
 
-@dataclass
+class Shed(Exception):
+    def __init__(self, priority: Priority, predicted_s: float, max_wait_s: float, retry_after_s: int) -> None:
+        super().__init__(
+            f"the {priority.label} priority queue would take about {predicted_s:.0f}s, "
+            f"more than its {max_wait_s:.0f}s bound"
+        )
+        self.priority = priority
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(eq=False)
 class Slot:
     priority: Priority
     queue_wait_s: float
     granted_at: float
     dispatch_seq: int
     replica: Replica
+    concurrency: int  # the replica's requests, this one included, when it was granted
+    owner: Any = None  # whatever the caller needs to reach the holder (the actor: router and request ids)
+    preempt_asked_at: float | None = field(default=None)
 
 
 class Admission:
@@ -46,12 +68,24 @@ class Admission:
         replicas: ReplicaSet | None = None,
         clock: Callable[[], float] = time.monotonic,
         initial_service_s: float = 1.0,
+        shed: bool = True,
+        preempt_window_s: float | None = None,
+        on_preempt: Callable[[Slot], None] | None = None,
     ) -> None:
+        """`preempt_window_s`: how recently granted a lower request must be to be preempted for a waiting
+        high one (None: never); `on_preempt` asks its holder to give it up."""
         self.queue = queue
         self.replicas = replicas if replicas is not None else ReplicaSet()
         self._clock = clock
         self._mean_service_s = initial_service_s
+        self._completed = 0
         self._dispatched = 0
+        self._shed = shed
+        self._preempt_window_s = preempt_window_s
+        self.on_preempt = on_preempt
+        self.active: set[Slot] = set()
+        self.preempt_asks = dict.fromkeys(Priority, 0)
+        self.shed_count = dict.fromkeys(Priority, 0)
 
     @property
     def capacity(self) -> int:
@@ -65,24 +99,35 @@ class Admission:
         """Call after adding or removing replicas: new slots go to waiters at once."""
         self._dispatch()
 
-    def retry_after(self, priority: Priority) -> int:
-        ahead = sum(self.queue.depth(p) for p in Priority if p <= priority)
-        return estimate_retry_after(ahead, self.capacity, self._mean_service_s, self.queue.limits[priority].max_wait_s)
+    def drain_rate(self) -> float:
+        return shedding.drain_rate(self.replicas.limit, self._mean_service_s)
 
-    async def acquire(self, priority: Priority) -> Slot:
-        """Wait for a slot. Raises NotReady, QueueFull or QueueTimeout; cancellation leaves the queue at once."""
+    def ahead_of(self, priority: Priority) -> int:
+        return sum(self.queue.depth(p) for p in Priority if p <= priority)
+
+    def retry_after(self, priority: Priority) -> int:
+        return shedding.queue_retry_after_s(
+            self.ahead_of(priority), self.drain_rate(), self.queue.limits[priority].max_wait_s
+        )
+
+    async def acquire(self, priority: Priority, front: bool = False) -> Slot:
+        """Wait for a slot. Raises NotReady, Shed, QueueFull or QueueTimeout; cancellation leaves the queue at once.
+        `front`: a preempted request going back to the head of its class; it is never shed."""
         if self.capacity == 0:
             raise NotReady("no LLM replica is ready to serve yet")
         now = self._clock()
-        if len(self.queue) == 0 and (replica := self.replicas.take()) is not None:
+        # Whoever waits could not be placed, and a waiter of a higher class would have been: so a free
+        # slot for this class means no one waiting should have it first.
+        if (replica := self.replicas.take(priority)) is not None:
             return self._grant(priority, now, now, replica)
-        future: asyncio.Future[Slot] = asyncio.get_running_loop().create_future()
-        waiter = self.queue.push(priority, now, future, retry_after_s=self.retry_after(priority))
-        timer = asyncio.get_running_loop().call_later(
-            # A hair past the bound, so the sweep never runs before the waiter is due.
-            self.queue.limits[priority].max_wait_s + 0.001,
-            self._expire_waiters,
-        )
+        if not front:
+            self._shed_or_pass(priority)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Slot] = loop.create_future()
+        waiter = self.queue.push(priority, now, future, retry_after_s=self.retry_after(priority), front=front)
+        self._maybe_preempt(self.queue.effective_class(waiter, now), now)
+        # A hair past the bound, so the sweep never runs before the waiter is due.
+        timer = loop.call_later(self.queue.limits[priority].max_wait_s + 0.001, self._expire_waiters)
         try:
             return await future
         except asyncio.CancelledError:
@@ -93,28 +138,66 @@ class Admission:
         finally:
             timer.cancel()
 
-    def release(self, slot: Slot) -> None:
-        self.replicas.give_back(slot.replica)
+    def release(self, slot: Slot, tpot_s: float | None = None) -> None:
+        """`tpot_s`: the request's mean time per output token, which teaches its replica's limit."""
+        if slot not in self.active:
+            return
+        self.active.discard(slot)
+        replica = slot.replica
+        if tpot_s is not None and replica.limiter is not None and replica.live:
+            replica.limiter.observe((slot.concurrency + replica.in_flight) / 2, tpot_s)
+        self.replicas.give_back(replica)
         service_s = self._clock() - slot.granted_at
         self._mean_service_s = 0.8 * self._mean_service_s + 0.2 * service_s
+        self._completed += 1
         self._dispatch()
+
+    def _shed_or_pass(self, priority: Priority) -> None:
+        if not self._shed or self._completed < SHED_AFTER_SAMPLES:
+            return
+        max_wait = self.queue.limits[priority].max_wait_s
+        predicted = shedding.predicted_wait_s(self.ahead_of(priority), self.drain_rate())
+        if predicted > max_wait:
+            self.shed_count[priority] += 1
+            raise Shed(priority, predicted, max_wait, shedding.shed_retry_after_s(predicted, max_wait))
 
     def _grant(self, priority: Priority, enqueued_at: float, now: float, replica: Replica) -> Slot:
         self._dispatched += 1
-        return Slot(priority, now - enqueued_at, now, self._dispatched, replica)
+        slot = Slot(priority, now - enqueued_at, now, self._dispatched, replica, replica.in_flight)
+        self.active.add(slot)
+        return slot
 
     def _dispatch(self) -> None:
         while len(self.queue):
-            replica = self.replicas.take()
-            if replica is None:
-                return
             now = self._clock()
-            waiter = self.queue.pop(now)
-            future: asyncio.Future[Slot] | None = waiter.payload if waiter else None
-            if future is None or future.done():
+            waiter = self.queue.peek(now)
+            assert waiter is not None
+            wanted = self.queue.effective_class(waiter, now)
+            replica = self.replicas.take(wanted)
+            if replica is None:
+                self._maybe_preempt(wanted, now)
+                return
+            self.queue.pop(now)
+            future: asyncio.Future[Slot] = waiter.payload
+            if future.done():
                 self.replicas.give_back(replica)
                 continue
             future.set_result(self._grant(waiter.priority, waiter.enqueued_at, now, replica))
+
+    def _maybe_preempt(self, waiting: Priority, now: float) -> None:
+        """One ask per high waiter that no slot is on its way to."""
+        if self._preempt_window_s is None or self.on_preempt is None or waiting != Priority.HIGH:
+            return
+        if self.replicas.can_take(Priority.HIGH):
+            return
+        if self.queue.depth(Priority.HIGH) <= pending_asks(self.active, now):
+            return
+        victim = choose_victim(self.active, Priority.HIGH, now, self._preempt_window_s)
+        if victim is None:
+            return
+        victim.preempt_asked_at = now
+        self.preempt_asks[victim.priority] += 1
+        self.on_preempt(victim)
 
     def _expire_waiters(self) -> None:
         now = self._clock()

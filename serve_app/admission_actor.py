@@ -21,11 +21,12 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
-from serve_app.admission import Admission, NotReady, QueueFull, QueueTimeout, Slot
-from serve_app.config import NO_ACCESS_LOG, SINGLE_LOOP_ENV, QueueConfig
+from serve_app.admission import Admission, NotReady, QueueFull, QueueTimeout, Shed, Slot
+from serve_app.concurrency_limit import KneeLimit
+from serve_app.config import NO_ACCESS_LOG, SINGLE_LOOP_ENV, AdmissionConfig, QueueConfig
 from serve_app.errors import GatewayError
 from serve_app.priority import Priority
-from serve_app.replica_set import ReplicaSet
+from serve_app.replica_set import ReplicaSet, Reservation
 from serve_app.request_queue import PriorityRequestQueue
 
 logger = logging.getLogger("ray.serve")
@@ -33,9 +34,29 @@ logger = logging.getLogger("ray.serve")
 NOT_READY_RETRY_S = 5
 
 
+def build_admission(queue: QueueConfig, config: AdmissionConfig) -> Admission:
+    """The policies that the config names, put together."""
+    limiter = None
+    if config.adaptive_limit:
+
+        def limiter(max_ongoing: int) -> KneeLimit:
+            return KneeLimit(max_ongoing, min(config.min_limit, max_ongoing), config.knee_share)
+
+    replicas = ReplicaSet(Reservation.for_classes(config.reserved.high, config.reserved.medium), limiter)
+    return Admission(
+        PriorityRequestQueue(queue.limits(), queue.aging_s),
+        replicas,
+        shed=config.shed_on_predicted_wait,
+        preempt_window_s=config.preempt_window_s,
+    )
+
+
 class AdmissionActor:
-    def __init__(self, queue: QueueConfig, replica_check_s: float = 2.0) -> None:
-        self.admission = Admission(PriorityRequestQueue(queue.limits(), queue.aging_s), ReplicaSet())
+    def __init__(self, queue: QueueConfig, config: AdmissionConfig | None = None, replica_check_s: float = 2.0) -> None:
+        self.admission = build_admission(queue, config or AdmissionConfig())
+        self.admission.on_preempt = self._ask_to_preempt
+        self._mailboxes: dict[str, list[str]] = {}  # preemption asks, by router id
+        self._mail = asyncio.Event()
         self._slots: dict[str, Slot] = {}  # granted, by request id
         self._waiting: dict[str, asyncio.Task[Slot]] = {}
         self._released_early: set[str] = set()  # released while its acquire was still in flight
@@ -45,16 +66,21 @@ class AdmissionActor:
 
     # ---- per request ---------------------------------------------------------------------------
 
-    async def acquire(self, request_id: str, priority: int) -> dict[str, Any]:
-        """Waits for a slot; returns the replica's URL and the wait. Raises GatewayError (429/503)."""
+    async def acquire(
+        self, request_id: str, priority: int, router_id: str | None = None, front: bool = False
+    ) -> dict[str, Any]:
+        """Waits for a slot; returns the replica's URL and the wait. Raises GatewayError (429/503).
+        `router_id` makes the request preemptible: asks reach that Router through `preemptions`."""
         prio = Priority(priority)
-        task = asyncio.ensure_future(self.admission.acquire(prio))
+        task = asyncio.ensure_future(self.admission.acquire(prio, front=front))
         self._waiting[request_id] = task
         try:
             slot = await task
         except asyncio.CancelledError:
             self._released_early.discard(request_id)
             raise
+        except Shed as exc:
+            raise GatewayError(429, f"{exc}; retry later", retry_after_s=exc.retry_after_s, kind="shed") from None
         except QueueFull as exc:
             raise GatewayError(429, f"{exc}; retry later", retry_after_s=exc.retry_after_s, kind="queue_full") from None
         except QueueTimeout as exc:
@@ -71,21 +97,40 @@ class AdmissionActor:
             self._released_early.discard(request_id)
             self.admission.release(slot)
             raise GatewayError(499, "the client left while queued", kind="client_gone")
+        if router_id is not None:
+            slot.owner = (router_id, request_id)
         self._slots[request_id] = slot
         return {"url": slot.replica.url, "queue_wait_s": slot.queue_wait_s}
 
-    async def release_many(self, request_ids: list[str]) -> None:
-        """Idempotent. A Router also releases a request whose client left while queued, which covers the
-        race where the grant and the cancellation cross."""
-        for request_id in request_ids:
+    async def release_many(self, releases: list[tuple[str, float | None]]) -> None:
+        """(request id, its mean TPOT or None) pairs. Idempotent. A Router also releases a request whose client
+        left while queued, which covers the race where the grant and the cancellation cross."""
+        for request_id, tpot_s in releases:
             slot = self._slots.pop(request_id, None)
             if slot is not None:
-                self.admission.release(slot)
+                self.admission.release(slot, tpot_s)
                 continue
             task = self._waiting.get(request_id)
             if task is not None:
                 self._released_early.add(request_id)
                 task.cancel()
+
+    async def preemptions(self, router_id: str) -> list[str]:
+        """A Router's standing call: returns the ids of its requests that should give up their slots, when
+        there are any. The Router preempts those that have not sent a byte, and releases them."""
+        while True:
+            asked = self._mailboxes.pop(router_id, None)
+            if asked:
+                return asked
+            self._mail.clear()
+            await self._mail.wait()
+
+    def _ask_to_preempt(self, slot: Slot) -> None:
+        if slot.owner is None:
+            return
+        router_id, request_id = slot.owner
+        self._mailboxes.setdefault(router_id, []).append(request_id)
+        self._mail.set()
 
     # ---- replicas ------------------------------------------------------------------------------
 
@@ -137,12 +182,19 @@ class AdmissionActor:
         return {"in_flight": replica.in_flight if replica else 0, "queued": len(self.admission.queue)}
 
     async def state(self) -> dict[str, Any]:
-        queue = self.admission.queue
+        admission = self.admission
+        queue = admission.queue
+        tpots = [r.limiter.unloaded_tpot_s for r in admission.replicas if r.limiter and r.limiter.unloaded_tpot_s]
         return {
             **{f"queued_{p.label}": queue.depth(p) for p in Priority},
-            "in_flight": self.admission.in_use,
-            "capacity": self.admission.capacity,
-            "replicas": len(self.admission.replicas),
+            "in_flight": admission.in_use,
+            "concurrency_limit": admission.replicas.limit,
+            "capacity": admission.capacity,
+            "replicas": len(admission.replicas),
+            "drain_rate_per_s": round(admission.drain_rate(), 3),
+            "unloaded_tpot_ms": round(min(tpots) * 1000, 3) if tpots else 0,
+            **{f"preempt_asks_{p.label}": admission.preempt_asks[p] for p in Priority},
+            **{f"shed_at_arrival_{p.label}": admission.shed_count[p] for p in Priority},
         }
 
     def _not_ready_message(self, exc: NotReady) -> str:
@@ -155,9 +207,9 @@ class AdmissionOwner:
     """The Admission deployment: creates the slot keeper, hands out its actor handle, and fails its health
     check when the keeper is gone, so Ray Serve restarts both."""
 
-    def __init__(self, queue: QueueConfig, replica_check_s: float = 2.0) -> None:
+    def __init__(self, queue: QueueConfig, config: AdmissionConfig | None = None, replica_check_s: float = 2.0) -> None:
         keeper = ray.remote(num_cpus=0, max_concurrency=1_000_000)(AdmissionActor)
-        self.keeper = keeper.remote(queue, replica_check_s)
+        self.keeper = keeper.remote(queue, config, replica_check_s)
 
     async def keeper_handle(self) -> Any:
         return self.keeper
@@ -173,7 +225,7 @@ class AdmissionClient:
     def __init__(self, owner: DeploymentHandle) -> None:
         self._owner = owner
         self._keeper: Any = None
-        self._releases: list[str] = []
+        self._releases: list[tuple[str, float | None]] = []
         self._releasing = False
 
     async def call(self, method: str, *args: Any) -> Any:
@@ -188,8 +240,8 @@ class AdmissionClient:
                     raise
         raise AssertionError("unreachable")
 
-    def release(self, request_id: str) -> None:
-        self._releases.append(request_id)
+    def release(self, request_id: str, tpot_s: float | None = None) -> None:
+        self._releases.append((request_id, tpot_s))
         if not self._releasing:
             self._releasing = True
             asyncio.ensure_future(self._send_releases())

@@ -18,7 +18,7 @@ def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
     the Metrics deployment collects every finished request."""
     if not isinstance(args, AppArgs):
         args = AppArgs.model_validate(args or {})
-    admission = AdmissionDeployment.bind(args.queue, args.replica_check_s)
+    admission = AdmissionDeployment.bind(args.queue, args.admission, args.replica_check_s)
     llm = LLMDeployment.options(**args.llm.deployment_options()).bind(args.llm, admission)
     metrics = MetricsDeployment.bind(args.otel_exporter)
     router = RouterDeployment.options(num_replicas=args.router.num_replicas)

@@ -32,6 +32,34 @@ class QueueConfig(StrictModel):
         return {p: ClassLimits(**getattr(self, p.label).model_dump()) for p in Priority}
 
 
+class ReservedConfig(StrictModel):
+    high: float = Field(0.1, ge=0, lt=1, description="share of each replica's slots that only high may use")
+    medium: float = Field(0.0, ge=0, lt=1, description="a further share that high and medium may use, low not")
+
+    @model_validator(mode="after")
+    def _leaves_low_some(self) -> ReservedConfig:
+        if self.high + self.medium >= 1:
+            raise ValueError("reserved high + medium must be below 1, or low could never run")
+        return self
+
+
+class AdmissionConfig(StrictModel):
+    """How the gateway decides what runs: see docs/qos.md."""
+
+    adaptive_limit: bool = Field(
+        True, description="run each replica near the knee of its throughput curve, max_ongoing_requests at most"
+    )
+    knee_share: float = Field(
+        0.85, gt=0, lt=1, description="the knee: the concurrency that reaches this share of the replica's peak tok/s"
+    )
+    min_limit: int = Field(1, ge=1, description="the adaptive limit never goes below this")
+    reserved: ReservedConfig = ReservedConfig()
+    preempt_window_s: float | None = Field(
+        5.0, gt=0, description="a lower request granted this recently may be preempted for high; null: never"
+    )
+    shed_on_predicted_wait: bool = Field(True, description="429 at arrival when the predicted wait passes max_wait_s")
+
+
 QUEUE_AWARE_POLICY = "serve_app.autoscaling:queue_aware_policy"
 
 # Calls beyond generation (health, model list) that a full replica must still accept.
@@ -51,11 +79,15 @@ class AutoscalingConfig(StrictModel):
     each; the gateway never sends a replica more than `max_ongoing_requests`."""
 
     min_replicas: int = Field(1, ge=1, description="at least 1: the first request must find a replica to wait for")
-    max_replicas: int = Field(2, ge=1)
+    max_replicas: int = Field(
+        1, ge=1, description="1 by default: one CPU engine already uses every core of a small host"
+    )
     target_ongoing_requests: float = Field(8, gt=0)
     max_ongoing_requests: int = Field(16, ge=1)
     upscale_delay_s: float = Field(10.0, ge=0)
     downscale_delay_s: float = Field(120.0, ge=0)
+    metrics_interval_s: float = Field(10.0, gt=0, description="how often each replica reports its load")
+    look_back_period_s: float = Field(30.0, gt=0, description="the window Ray Serve averages those reports over")
 
     @model_validator(mode="after")
     def _consistent(self) -> AutoscalingConfig:
@@ -134,6 +166,7 @@ class RouterConfig(StrictModel):
 class AppArgs(StrictModel):
     llm: LLMConfig = LLMConfig()
     queue: QueueConfig = QueueConfig()
+    admission: AdmissionConfig = AdmissionConfig()
     http: HttpConfig = HttpConfig()
     router: RouterConfig = RouterConfig()
     replica_check_s: float = Field(2.0, gt=0, description="how often Admission checks that each replica answers")

@@ -1,12 +1,40 @@
-"""The LLM replicas the gateway may dispatch to, and how many requests each holds: pure bookkeeping.
+"""The LLM replicas the gateway may dispatch to, and how many requests each may run: pure bookkeeping.
 
-Every dispatch slot belongs to one replica, so the gateway's capacity is the sum of the replicas'
-`max_ongoing`, and a slot is granted on the least loaded replica. No Ray, no HTTP, no asyncio.
+Every dispatch slot belongs to one replica. A replica's limit is its knee (`concurrency_limit`)
+when adaptive admission is on, else its `max_ongoing`; a share of that limit is reserved for the
+higher classes (`Reservation`), and a slot is granted on the replica with the most room for the
+asking class. No Ray, no HTTP, no asyncio.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from serve_app.concurrency_limit import KneeLimit
+from serve_app.priority import Priority
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """`shares[p]`: the part of each replica's limit held back for classes above p. High is never held back."""
+
+    shares: Mapping[Priority, float] = field(default_factory=dict)
+
+    @classmethod
+    def for_classes(cls, high: float = 0.0, medium: float = 0.0) -> Reservation:
+        """`high`: share only high may use; `medium`: a further share high and medium may use, low may not."""
+        if high < 0 or medium < 0 or high + medium >= 1:
+            raise ValueError("reserved shares must be >= 0 and leave low part of the slots")
+        return cls({Priority.HIGH: 0.0, Priority.MEDIUM: high, Priority.LOW: high + medium})
+
+    def allowed(self, limit: int, priority: Priority) -> int:
+        """Slots of `limit` that `priority` may fill; at least one, so a class never waits on an idle replica."""
+        held = self.shares.get(priority, 0.0)
+        if held <= 0 or limit <= 1:
+            return limit
+        return max(1, limit - math.ceil(round(limit * held, 9)))
 
 
 @dataclass(eq=False)
@@ -14,17 +42,29 @@ class Replica:
     replica_id: str
     url: str
     max_ongoing: int
+    limiter: KneeLimit | None = None
     in_flight: int = 0
     live: bool = True  # False once removed: slots still held on it are returned to nobody
 
     @property
+    def limit(self) -> int:
+        return self.limiter.limit if self.limiter is not None else self.max_ongoing
+
+    @property
     def free(self) -> int:
-        return self.max_ongoing - self.in_flight
+        return self.limit - self.in_flight
 
 
 class ReplicaSet:
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        reservation: Reservation | None = None,
+        limiter_factory: Callable[[int], KneeLimit] | None = None,
+    ) -> None:
+        """`limiter_factory(max_ongoing)` gives each replica its adaptive limit; None keeps max_ongoing."""
         self._replicas: dict[str, Replica] = {}
+        self.reservation = reservation or Reservation()
+        self._limiter_factory = limiter_factory
 
     def __len__(self) -> int:
         return len(self._replicas)
@@ -34,7 +74,13 @@ class ReplicaSet:
 
     @property
     def capacity(self) -> int:
+        """The upper bound: every replica's max_ongoing."""
         return sum(r.max_ongoing for r in self._replicas.values())
+
+    @property
+    def limit(self) -> int:
+        """What the gateway runs at once now: every replica's current limit."""
+        return sum(r.limit for r in self._replicas.values())
 
     @property
     def in_flight(self) -> int:
@@ -43,7 +89,8 @@ class ReplicaSet:
     def add(self, replica_id: str, url: str, max_ongoing: int) -> Replica:
         """A replica that registers again (restarted on the same id) starts from zero."""
         self.remove(replica_id)
-        replica = Replica(replica_id, url, max_ongoing)
+        limiter = self._limiter_factory(max_ongoing) if self._limiter_factory else None
+        replica = Replica(replica_id, url, max_ongoing, limiter)
         self._replicas[replica_id] = replica
         return replica
 
@@ -59,10 +106,16 @@ class ReplicaSet:
     def by_url(self, url: str) -> Replica | None:
         return next((r for r in self._replicas.values() if r.url == url), None)
 
-    def take(self) -> Replica | None:
-        """One slot on the replica with the most free slots, or None when all are full."""
-        best = max(self._replicas.values(), key=lambda r: r.free, default=None)
-        if best is None or best.free <= 0:
+    def room(self, replica: Replica, priority: Priority) -> int:
+        return self.reservation.allowed(replica.limit, priority) - replica.in_flight
+
+    def can_take(self, priority: Priority) -> bool:
+        return any(self.room(r, priority) > 0 for r in self._replicas.values())
+
+    def take(self, priority: Priority = Priority.HIGH) -> Replica | None:
+        """One slot on the replica with the most room for this class, or None when none has room."""
+        best = max(self._replicas.values(), key=lambda r: self.room(r, priority), default=None)
+        if best is None or self.room(best, priority) <= 0:
             return None
         best.in_flight += 1
         return best

@@ -65,9 +65,16 @@ class PriorityRequestQueue:
     def depth(self, priority: Priority) -> int:
         return len(self._queues[priority])
 
-    def push(self, priority: Priority, now: float, payload: Any = None, retry_after_s: int = 1) -> Waiter:
-        """Raises QueueFull, carrying the caller's Retry-After estimate, when the class is at its bound."""
+    def push(
+        self, priority: Priority, now: float, payload: Any = None, retry_after_s: int = 1, front: bool = False
+    ) -> Waiter:
+        """Raises QueueFull, carrying the caller's Retry-After estimate, when the class is at its bound.
+        `front` puts a request that was already admitted once (and preempted) ahead of its class, past the bound."""
         queue = self._queues[priority]
+        if front:
+            waiter = Waiter(priority, now, -next(self._seq), payload)
+            queue.appendleft(waiter)
+            return waiter
         if len(queue) >= self.limits[priority].max_queue_len:
             raise QueueFull(priority, retry_after_s)
         waiter = Waiter(priority, now, next(self._seq), payload)
@@ -77,13 +84,19 @@ class PriorityRequestQueue:
     def effective_rank(self, waiter: Waiter, now: float) -> float:
         return waiter.priority - waiter.waited(now) / self.aging_s
 
-    def pop(self, now: float) -> Waiter | None:
-        """Only class heads compete: within a class the head has always waited longest."""
+    def effective_class(self, waiter: Waiter, now: float) -> Priority:
+        """The class a waiter counts as after aging, for the slots reserved to higher classes."""
+        return Priority(max(0, math.ceil(self.effective_rank(waiter, now) - 1e-9)))
+
+    def peek(self, now: float) -> Waiter | None:
+        """Only class heads compete: within a class the head has waited longest (or was preempted)."""
         heads = [q[0] for q in self._queues.values() if q]
-        if not heads:
-            return None
-        best = min(heads, key=lambda w: (self.effective_rank(w, now), w.seq))
-        self._queues[best.priority].popleft()
+        return min(heads, key=lambda w: (self.effective_rank(w, now), w.seq), default=None)
+
+    def pop(self, now: float) -> Waiter | None:
+        best = self.peek(now)
+        if best is not None:
+            self._queues[best.priority].popleft()
         return best
 
     def remove(self, waiter: Waiter) -> bool:
@@ -102,10 +115,3 @@ class PriorityRequestQueue:
             while queue and queue[0].waited(now) >= max_wait:
                 expired.append(queue.popleft())
         return expired
-
-
-def estimate_retry_after(queued_ahead: int, capacity: int, mean_service_s: float, max_wait_s: float) -> int:
-    """Seconds until a slot is likely free: the work ahead spread over the slots, at least 1, at most the max wait."""
-    slots = max(capacity, 1)
-    estimate = (queued_ahead / slots + 1) * max(mean_service_s, 0.0)
-    return int(min(max(math.ceil(estimate), 1), max(math.ceil(max_wait_s), 1)))

@@ -53,10 +53,21 @@ class InFlight:
     queue_wait_s: float | None = None
     admitted: bool = False
     upstream: aiohttp.ClientResponse | None = None
+    body: dict[str, Any] = field(default_factory=dict, repr=False)
     first_chunk_at: float | None = None
     output_tokens: int | None = None
     client_wants_usage: bool = True
+    relaying: bool = False  # the response is a stream that the Router is reading
+    preempted: bool = False  # the Router closed the upstream on purpose, to run it again later
+    preemptions: int = 0
     finished: bool = False
+
+    @property
+    def tpot_s(self) -> float | None:
+        """Mean time per output token after the first, for the replica's adaptive limit."""
+        if self.first_chunk_at is None or not self.output_tokens or self.output_tokens < 2:
+            return None
+        return (time.monotonic() - self.first_chunk_at) / (self.output_tokens - 1)
 
     def finish(self, outcome: Outcome, kind: str | None = None) -> None:
         if self.finished:
@@ -77,6 +88,7 @@ class InFlight:
             ttft_s=self.first_chunk_at - self.arrived if self.first_chunk_at else None,
             e2e_s=time.monotonic() - self.arrived,
             output_tokens=self.output_tokens,
+            preemptions=self.preemptions,
         )
         self.on_finish(self, record)
 
@@ -90,6 +102,8 @@ class Router:
         self.metrics = metrics
         self.args = args
         self.reporter = MetricsReporter(self._send_records, args.metrics_flush_s)
+        self.router_id = uuid.uuid4().hex
+        self._flights: dict[str, InFlight] = {}  # admitted and not finished, by request id: for preemption
         self._models: dict[str, Any] | None = None
         self._routes: dict[tuple[str, str], Callable[[Request], Awaitable[Response]]] = {
             ("POST", "/v1/chat/completions"): lambda r: self._http_generate(r, "chat"),
@@ -106,6 +120,8 @@ class Router:
             auto_decompress=False,
         )
         self._background = [asyncio.ensure_future(self.reporter.run())]
+        if args.admission.preempt_window_s is not None:
+            self._background.append(asyncio.ensure_future(self._answer_preemptions()))
         self._server = None
         if args.http.port:
             sock = http_server.bind(args.http.host, args.http.port)
@@ -250,11 +266,11 @@ class Router:
 
     # ---- dispatch ------------------------------------------------------------------------------
 
-    async def _dispatch(self, flight: InFlight, body: dict[str, Any]) -> aiohttp.ClientResponse:
+    async def _dispatch(self, flight: InFlight, body: dict[str, Any], front: bool = False) -> aiohttp.ClientResponse:
         """Queue for a slot, send to its replica, and return the replica's response once its headers are in.
-        A rejection finishes the request and raises GatewayError."""
+        A rejection finishes the request and raises GatewayError. `front`: queue again after a preemption."""
         try:
-            grant = await self.admission.call("acquire", flight.request_id, int(flight.priority))
+            grant = await self.admission.call("acquire", flight.request_id, int(flight.priority), self.router_id, front)
         except GatewayError as exc:
             flight.finish("rejected" if exc.status in (429, 503) else "error", exc.kind)
             raise GatewayError(exc.status, exc.message, retry_after_s=exc.retry_after_s, kind=exc.kind) from None
@@ -266,7 +282,9 @@ class Router:
                 flight.finish("error", "admission_failed")
             raise
         flight.admitted = True
-        flight.queue_wait_s = grant["queue_wait_s"]
+        self._flights[flight.request_id] = flight
+        flight.queue_wait_s = (flight.queue_wait_s or 0.0) + grant["queue_wait_s"]
+        flight.body = body
         url = grant["url"] + ENDPOINT_PATHS[flight.endpoint]
         sent = engine_body(body, flight.priority)
         if sent.get("stream"):  # the Router counts tokens from the final usage chunk, and drops it if unasked
@@ -291,26 +309,71 @@ class Router:
         return flight.upstream
 
     async def _relay(self, flight: InFlight, upstream: aiohttp.ClientResponse) -> AsyncGenerator[bytes, None]:
-        """Bytes through: each read takes all that has arrived, so a backed-up stream sends fewer, larger writes."""
-        try:
-            async for data in upstream.content.iter_any():
-                if flight.first_chunk_at is None:
-                    flight.first_chunk_at = time.monotonic()
-                if USAGE in data:
-                    data = self._take_usage(flight, data)
-                if data.endswith(DONE):
-                    yield data
-                    flight.finish("completed")  # the answer is whole even if the client hangs up now
-                    return
-                if data:
-                    yield data
-            failure = "the stream ended before [DONE]"
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            failure = type(exc).__name__
+        """Bytes through: each read takes all that has arrived, so a backed-up stream sends fewer, larger writes.
+        A preempted request (no byte sent yet) queues again at the head of its class and starts over."""
+        flight.relaying = True
+        while True:
+            try:
+                async for data in upstream.content.iter_any():
+                    if flight.first_chunk_at is None:
+                        flight.first_chunk_at = time.monotonic()
+                    if USAGE in data:
+                        data = self._take_usage(flight, data)
+                    if data.endswith(DONE):
+                        yield data
+                        flight.finish("completed")  # the answer is whole even if the client hangs up now
+                        return
+                    if data:
+                        yield data
+                failure = "the stream ended before [DONE]"
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                failure = type(exc).__name__
+            if not flight.preempted:
+                break
+            try:
+                upstream = await self._start_again(flight)
+            except GatewayError as exc:  # the finish is counted; the client learns why in the stream
+                yield f"data: {json.dumps(exc.body())}\n\ndata: [DONE]\n\n".encode()
+                return
         logger.warning("LLM replica failed mid-stream: %s", failure)
         flight.finish("error", "engine_error")
         error = GatewayError(502, f"the model replica failed mid-stream: {failure}", kind="engine_error")
         yield f"data: {json.dumps(error.body())}\n\ndata: [DONE]\n\n".encode()
+
+    async def _start_again(self, flight: InFlight) -> aiohttp.ClientResponse:
+        """After a preemption: give back the old slot, queue at the head of the class under a new id, resend."""
+        flight.preempted = False
+        flight.preemptions += 1
+        self._flights.pop(flight.request_id, None)
+        self.admission.release(flight.request_id)
+        flight.request_id = uuid.uuid4().hex
+        flight.upstream = None
+        upstream = await self._dispatch(flight, flight.body, front=True)
+        if upstream.content_type != "text/event-stream":  # an error answer from the engine, whole
+            payload = await upstream.read()
+            flight.finish("error", _error_kind(upstream.status, payload))
+            raise GatewayError.from_body(upstream.status, _json_or_text(payload))
+        return upstream
+
+    async def _answer_preemptions(self) -> None:
+        """Admission's asks to give up a slot for a waiting high request. Only a stream that has not sent
+        its first byte gives it up; any other ask is ignored, and Admission stops counting on it."""
+        while True:
+            try:
+                asked = await self.admission.call("preemptions", self.router_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("waiting for preemption asks failed; retrying")
+                await asyncio.sleep(1)
+                continue
+            for request_id in asked:
+                flight = self._flights.get(request_id)
+                if flight is None or flight.finished or not flight.relaying or flight.first_chunk_at is not None:
+                    continue
+                if flight.upstream is not None:
+                    flight.preempted = True
+                    flight.upstream.close()  # vLLM's server sees the hang-up and aborts the request
 
     @staticmethod
     def _take_usage(flight: InFlight, data: bytes) -> bytes:
@@ -332,7 +395,8 @@ class Router:
 
     def _on_finish(self, flight: InFlight, record: RequestRecord) -> None:
         if flight.admitted:
-            self._release(flight)
+            self._flights.pop(flight.request_id, None)
+            self.admission.release(flight.request_id, flight.tpot_s if record.outcome == "completed" else None)
         self.reporter.add(record)
 
     async def _send_records(self, records: list[dict[str, Any]]) -> None:
@@ -342,6 +406,14 @@ class Router:
         if self._server is not None:
             self._server.should_exit = True
         await self.session.close()
+
+
+def _json_or_text(payload: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(payload)
+    except ValueError:
+        body = None
+    return body if isinstance(body, dict) else {"error": {"message": payload.decode(errors="replace")[:500]}}
 
 
 def _error_kind(status: int, payload: bytes) -> str:

@@ -43,6 +43,7 @@ class RequestRecord:
     ttft_s: float | None = None
     e2e_s: float | None = None
     output_tokens: int | None = None
+    preemptions: int = 0  # times it gave up its slot, before its first token, to a waiting high request
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,6 +92,7 @@ class ClassStats:
         self.outcomes: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         self.admitted = 0
+        self.preempted = 0
         self.histograms = {name: Histogram(buckets) for name, (_, buckets) in HISTOGRAMS.items()}
 
     def add(self, record: RequestRecord) -> None:
@@ -99,6 +101,7 @@ class ClassStats:
             self.errors[f"{record.outcome}:{record.kind}"] += 1
         if record.admitted:
             self.admitted += 1
+        self.preempted += record.preemptions
         for name, value in (
             ("queue_wait_seconds", record.queue_wait_s),
             ("time_to_first_token_seconds", record.ttft_s),
@@ -124,6 +127,7 @@ class GatewayStats:
         for label, stats in self.classes.items():
             per_priority[label] = {
                 "admitted": stats.admitted,
+                "preempted": stats.preempted,
                 **{outcome: stats.outcomes[outcome] for outcome in OUTCOMES},
                 "errors_by_kind": dict(stats.errors),
                 **{name: hist.summary() for name, hist in stats.histograms.items()},
@@ -146,6 +150,9 @@ class GatewayStats:
         header("gateway_admitted_total", "counter", "Requests that got a replica slot")
         for label, stats in self.classes.items():
             lines.append(f'gateway_admitted_total{{priority="{label}"}} {stats.admitted}')
+        header("gateway_preempted_total", "counter", "Times a request gave up its slot before its first token")
+        for label, stats in self.classes.items():
+            lines.append(f'gateway_preempted_total{{priority="{label}"}} {stats.preempted}')
         header("gateway_errors_total", "counter", "Rejected, cancelled and failed requests by kind")
         for label, stats in self.classes.items():
             for key, count in sorted(stats.errors.items()):

@@ -4,18 +4,19 @@ import asyncio
 
 import pytest
 
-from serve_app.admission import Admission, NotReady, QueueFull, QueueTimeout
+from serve_app.admission import SHED_AFTER_SAMPLES, Admission, NotReady, QueueFull, QueueTimeout, Shed, Slot
+from serve_app.concurrency_limit import KneeLimit
 from serve_app.priority import Priority
-from serve_app.replica_set import ReplicaSet
+from serve_app.replica_set import ReplicaSet, Reservation
 from serve_app.request_queue import ClassLimits, PriorityRequestQueue
 
 
-def make_admission(capacity: int, max_len: int = 10, max_wait_s: float = 5.0) -> Admission:
+def make_admission(capacity: int, max_len: int = 10, max_wait_s: float = 5.0, **kwargs) -> Admission:
     queue = PriorityRequestQueue({p: ClassLimits(max_len, max_wait_s) for p in Priority}, aging_s=60)
-    replicas = ReplicaSet()
+    replicas = ReplicaSet(kwargs.pop("reservation", None), kwargs.pop("limiter_factory", None))
     if capacity:
         replicas.add("r0", "http://r0", capacity)
-    return Admission(queue, replicas)
+    return Admission(queue, replicas, shed=kwargs.pop("shed", False), **kwargs)
 
 
 async def settle() -> None:
@@ -114,3 +115,84 @@ async def test_raising_capacity_wakes_waiters():
     adm.replicas_changed()
     slot = await asyncio.wait_for(waiting, 1)
     assert adm.in_use == 2 and slot.queue_wait_s >= 0
+
+
+async def test_a_high_request_gets_a_reserved_slot_while_lows_wait():
+    adm = make_admission(capacity=4, reservation=Reservation.for_classes(high=0.5))
+    running = [await adm.acquire(Priority.LOW) for _ in range(2)]
+    low = asyncio.create_task(adm.acquire(Priority.LOW))
+    await settle()
+    assert not low.done(), "low may fill only half of the slots"
+    high = await asyncio.wait_for(adm.acquire(Priority.HIGH), 1)
+    assert high.queue_wait_s == 0 and adm.in_use == 3
+    adm.release(running[0])
+    await settle()
+    assert not low.done(), "a low may start only below the reserved share, whoever holds the slots"
+    adm.release(high)
+    await asyncio.wait_for(low, 1)
+
+
+async def test_a_request_that_would_wait_past_its_bound_is_refused_at_arrival():
+    clock = [0.0]
+    adm = make_admission(capacity=1, max_wait_s=5.0, shed=True, clock=lambda: clock[0], initial_service_s=2.0)
+    for _ in range(SHED_AFTER_SAMPLES):  # each request held 2 s: the gateway drains 0.5 requests/s
+        slot = await adm.acquire(Priority.LOW)
+        clock[0] += 2.0
+        adm.release(slot)
+    await adm.acquire(Priority.LOW)
+    first = asyncio.create_task(adm.acquire(Priority.LOW))  # predicted 2 s: queued
+    await settle()
+    assert not first.done()
+    second = asyncio.create_task(adm.acquire(Priority.LOW))  # predicted 4 s: queued
+    await settle()
+    assert not second.done()
+    with pytest.raises(Shed) as excinfo:  # predicted 6 s, past the 5 s bound: refused now
+        await adm.acquire(Priority.LOW)
+    assert excinfo.value.retry_after_s == 1
+    assert adm.shed_count[Priority.LOW] == 1
+    high = asyncio.create_task(adm.acquire(Priority.HIGH))  # nothing ahead of high: it queues
+    await settle()
+    assert not high.done() and adm.shed_count[Priority.HIGH] == 0
+    for task in (first, second, high):
+        task.cancel()
+
+
+async def test_a_waiting_high_request_asks_for_the_youngest_low_to_be_preempted():
+    asked: list[Slot] = []
+    clock = [0.0]
+    adm = make_admission(capacity=2, preempt_window_s=1.0, on_preempt=asked.append, clock=lambda: clock[0])
+    old_low = await adm.acquire(Priority.LOW)
+    clock[0] = 5.0
+    young_low = await adm.acquire(Priority.LOW)
+    high = asyncio.create_task(adm.acquire(Priority.HIGH))
+    await settle()
+    assert asked == [young_low], "only the low granted within the window, and only once"
+    another = asyncio.create_task(adm.acquire(Priority.HIGH))
+    await settle()
+    assert asked == [young_low], "the old low has surely started: it is never asked"
+    adm.release(young_low)  # the Router gave it up
+    assert (await asyncio.wait_for(high, 1)).priority is Priority.HIGH
+    assert adm.preempt_asks[Priority.LOW] == 1
+    adm.release(old_low)
+    await asyncio.wait_for(another, 1)
+
+
+async def test_released_samples_lower_the_limit_and_waiters_respect_it():
+    factory = lambda bound: KneeLimit(bound, knee_share=0.5)  # noqa: E731
+    adm = make_admission(capacity=8, limiter_factory=factory)
+    first = await adm.acquire(Priority.MEDIUM)
+    adm.release(first, tpot_s=0.010)  # alone on the replica: the unloaded TPOT
+    slots = [await adm.acquire(Priority.MEDIUM) for _ in range(8)]
+    for slot in slots[:4]:
+        running = (slot.concurrency + adm.in_use) / 2  # what the replica ran, on average, while it ran
+        adm.release(slot, tpot_s=0.010 + 0.005 * running)  # each running request adds 5 ms: knee = 2
+    assert adm.replicas.limit == 2
+    waiting = asyncio.create_task(adm.acquire(Priority.MEDIUM))
+    await settle()
+    for slot in slots[4:6]:
+        adm.release(slot)
+    await settle()
+    assert not waiting.done(), "2 still running out of a limit of 2"
+    adm.release(slots[6])
+    await asyncio.wait_for(waiting, 1)
+    assert adm.in_use == 2

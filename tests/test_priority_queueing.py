@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import random
 import time
 from contextlib import asynccontextmanager
 
@@ -114,3 +116,56 @@ async def test_client_gone_mid_generation_aborts_the_engine_request(gateway):
         assert stats(gateway)["router"]["in_flight"] == 0
         response = await http.post("/v1/chat/completions", json={**SHORT, "stream": False})
         assert response.status_code == 200
+
+
+WORDS = "the of and to in is you that it he was for on are as with his they at be this have from or one had by".split()
+
+
+async def stream_chunks(http: httpx.AsyncClient, body: dict, priority: str) -> tuple[float, list[dict]]:
+    """The time of the first data event, and every event's JSON, [DONE] excluded (asserted to come last)."""
+    first = None
+    events: list[dict] = []
+    done = False
+    async with http.stream("POST", "/v1/chat/completions", json=body, headers={"X-Priority": priority}) as response:
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            first = first or time.monotonic()
+            assert not done, "nothing may follow [DONE]"
+            if line == "data: [DONE]":
+                done = True
+            else:
+                events.append(json.loads(line[6:]))
+    assert done and first is not None
+    return first, events
+
+
+async def test_a_waiting_high_request_preempts_a_low_one_before_its_first_token(gateway):
+    """The only slot holds a low request still in its prefill (a long prompt no cache has seen); a high
+    request arrives. The low one is aborted in the engine and queued again: its client sees one whole
+    answer, later, and no error; the high one starts first."""
+    before = stats(gateway)["priorities"]["low"]["preempted"]
+    prompt = " ".join(random.choice(WORDS) for _ in range(1500))
+    low_body = {
+        "model": MODEL_ID,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": 8,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    async with httpx.AsyncClient(base_url=gateway, timeout=120) as http:
+        low = asyncio.create_task(stream_chunks(http, low_body, "low"))
+        await until(lambda: stats(gateway)["router"]["in_flight"] == 1)
+        high_first, _ = await stream_chunks(http, SHORT, "high")
+        low_first, low_events = await low
+    assert high_first < low_first, "the high request ran while the low one waited"
+    assert not any("error" in event for event in low_events)
+    assert len({event["id"] for event in low_events}) == 1, "every chunk comes from one engine request"
+    assert sum(1 for e in low_events for c in e["choices"] if c["delta"].get("role")) == 1, "one answer, once"
+    assert low_events[-1]["usage"]["completion_tokens"] == 8
+    after = stats(gateway)
+    assert after["priorities"]["low"]["preempted"] - before == 1
+    assert after["router"]["preempt_asks_low"] >= 1
+    assert after["router"]["in_flight"] == 0

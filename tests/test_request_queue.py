@@ -3,7 +3,7 @@
 import pytest
 
 from serve_app.priority import InvalidPriority, Priority, parse_priority, request_priority
-from serve_app.request_queue import ClassLimits, PriorityRequestQueue, QueueFull, estimate_retry_after
+from serve_app.request_queue import ClassLimits, PriorityRequestQueue, QueueFull
 
 
 def make_queue(max_len: int = 10, max_wait_s: float = 30.0, aging_s: float = 10.0) -> PriorityRequestQueue:
@@ -89,10 +89,25 @@ def test_remove_takes_a_cancelled_waiter_out_once():
     assert q.pop(1).payload == "b"
 
 
-def test_retry_after_grows_with_work_ahead_and_is_bounded():
-    assert estimate_retry_after(0, 4, 0.2, 30) == 1
-    assert estimate_retry_after(8, 2, 2.0, 30) == 10
-    assert estimate_retry_after(1000, 1, 5.0, 30) == 30
+def test_a_preempted_request_goes_back_to_the_head_of_its_class_even_when_the_class_is_full():
+    q = make_queue(max_len=1)
+    q.push(Priority.LOW, 0.0, "waiting-low")
+    with pytest.raises(QueueFull):
+        q.push(Priority.LOW, 1.0, "new-low")
+    q.push(Priority.LOW, 2.0, "preempted-low", front=True)
+    q.push(Priority.HIGH, 3.0, "high")
+    assert [q.pop(3.0).payload for _ in range(3)] == ["high", "preempted-low", "waiting-low"]
+
+
+def test_effective_class_rises_one_class_per_aging_period():
+    q = make_queue(aging_s=10.0)
+    low = q.push(Priority.LOW, 0.0)
+    assert q.effective_class(low, 0.0) is Priority.LOW
+    assert q.effective_class(low, 9.9) is Priority.LOW
+    assert q.effective_class(low, 10.0) is Priority.MEDIUM
+    assert q.effective_class(low, 25.0) is Priority.HIGH
+    assert q.effective_class(low, 1000.0) is Priority.HIGH
+    assert q.peek(0.0) is low and len(q) == 1, "peek leaves the waiter in place"
 
 
 def test_parse_priority_accepts_only_the_three_names():

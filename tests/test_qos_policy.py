@@ -1,0 +1,128 @@
+"""The QoS policies alone (knee limit, reserved slots, shedding arithmetic, preemption choice): pure, milliseconds."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+
+from serve_app import shedding
+from serve_app.concurrency_limit import KneeLimit
+from serve_app.preemption import ASK_TTL_S, choose_victim, pending_asks
+from serve_app.priority import Priority
+from serve_app.replica_set import ReplicaSet, Reservation
+
+
+def engine_tpot(concurrency: float, a: float = 0.010, b: float = 0.001) -> float:
+    """A batching engine's TPOT: a fixed part plus a part per running request."""
+    return a + b * concurrency
+
+
+def test_knee_limit_starts_at_the_upper_bound_and_settles_at_the_knee():
+    limit = KneeLimit(max_limit=256, knee_share=0.8)
+    assert limit.limit == 256, "no samples yet: the configured bound"
+    limit.observe(1, engine_tpot(1))  # a light-load sample teaches the unloaded TPOT
+    for concurrency in [64, 48, 40, 40, 40] * 40:
+        limit.observe(concurrency, engine_tpot(concurrency))
+    # knee = 0.8 / 0.2 * a / b = 4 * 10 = 40; the unloaded TPOT seen was a + b (one request running)
+    assert limit.unloaded_tpot_s == pytest.approx(0.011)
+    assert 36 <= limit.limit <= 44
+    throughput = limit.limit / engine_tpot(limit.limit)
+    assert throughput >= 0.75 / 0.001, "the knee keeps most of the engine's peak throughput"
+
+
+def test_knee_limit_stays_at_the_bound_when_more_concurrency_costs_nothing():
+    limit = KneeLimit(max_limit=64)
+    for concurrency in (1, 8, 32, 64) * 10:
+        limit.observe(concurrency, 0.02)  # TPOT flat: the engine is nowhere near its knee
+    assert limit.limit == 64
+
+
+def test_knee_limit_respects_its_bounds_and_ignores_nonsense_samples():
+    limit = KneeLimit(max_limit=32, min_limit=4, knee_share=0.5)
+    limit.observe(1, 0.001)
+    for _ in range(100):
+        limit.observe(32, 1.0)  # every request makes the engine far slower: the knee is below 1
+    assert limit.limit == 4
+    before = limit.limit, limit.samples
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        limit.observe(8, bad)
+    assert (limit.limit, limit.samples) == before
+    with pytest.raises(ValueError):
+        KneeLimit(max_limit=4, min_limit=8)
+    with pytest.raises(ValueError):
+        KneeLimit(max_limit=4, knee_share=1.0)
+
+
+def test_reservation_holds_back_slots_for_higher_classes_but_never_all():
+    reserved = Reservation.for_classes(high=0.2, medium=0.1)
+    assert reserved.allowed(20, Priority.HIGH) == 20
+    assert reserved.allowed(20, Priority.MEDIUM) == 16
+    assert reserved.allowed(20, Priority.LOW) == 14
+    assert reserved.allowed(2, Priority.LOW) == 1, "every class keeps at least one slot"
+    assert reserved.allowed(1, Priority.LOW) == 1
+    with pytest.raises(ValueError):
+        Reservation.for_classes(high=0.6, medium=0.4)
+
+
+def test_low_cannot_take_the_reserved_slots_but_high_can():
+    replicas = ReplicaSet(Reservation.for_classes(high=0.25))
+    replicas.add("a", "http://a", 4)
+    assert [replicas.take(Priority.LOW) is not None for _ in range(4)] == [True, True, True, False]
+    assert replicas.can_take(Priority.HIGH) and not replicas.can_take(Priority.MEDIUM)
+    assert replicas.take(Priority.HIGH) is not None
+    assert replicas.take(Priority.HIGH) is None, "the limit itself binds every class"
+
+
+def test_replica_limits_follow_their_knee_and_add_up():
+    replicas = ReplicaSet(limiter_factory=lambda bound: KneeLimit(bound, knee_share=0.5))
+    a = replicas.add("a", "http://a", 64)
+    replicas.add("b", "http://b", 64)
+    assert replicas.limit == 128 and replicas.capacity == 128
+    assert a.limiter is not None
+    a.limiter.observe(1, 0.010)
+    for _ in range(200):
+        a.limiter.observe(20, 0.010 + 0.001 * 20)  # knee = 1 * a/b = 10 (a measured at one request)
+    assert a.limit == 10
+    assert replicas.limit == a.limit + 64 and replicas.capacity == 128
+
+
+def test_predicted_wait_and_retry_after_come_from_the_drain_rate():
+    rate = shedding.drain_rate(slots=8, mean_service_s=2.0)
+    assert rate == 4.0
+    assert shedding.predicted_wait_s(ahead=39, rate=rate) == 10.0
+    assert shedding.predicted_wait_s(ahead=3, rate=0.0) == math.inf
+    assert shedding.shed_retry_after_s(predicted_s=100.0, max_wait_s=30.0) == 70
+    assert shedding.shed_retry_after_s(predicted_s=30.2, max_wait_s=30.0) == 1
+    assert shedding.shed_retry_after_s(predicted_s=math.inf, max_wait_s=30.0) == 600
+    assert shedding.queue_retry_after_s(ahead=0, rate=4.0, max_wait_s=30) == 1
+    assert shedding.queue_retry_after_s(ahead=39, rate=4.0, max_wait_s=30) == 10
+    assert shedding.queue_retry_after_s(ahead=1000, rate=1.0, max_wait_s=30) == 30
+
+
+@dataclass
+class Grant:
+    priority: Priority
+    granted_at: float
+    preempt_asked_at: float | None = None
+
+
+def test_the_victim_is_the_youngest_of_the_lowest_class_within_the_window():
+    grants = [
+        Grant(Priority.LOW, 9.0),
+        Grant(Priority.LOW, 9.5),
+        Grant(Priority.MEDIUM, 9.9),
+        Grant(Priority.HIGH, 9.95),
+        Grant(Priority.LOW, 1.0),  # granted long ago: surely past its first token
+    ]
+    assert choose_victim(grants, Priority.HIGH, now=10.0, window_s=2.0) is grants[1]
+    grants[1].preempt_asked_at = 10.0
+    assert choose_victim(grants, Priority.HIGH, now=10.0, window_s=2.0) is grants[0]
+    grants[0].preempt_asked_at = 10.0
+    assert choose_victim(grants, Priority.HIGH, now=10.0, window_s=2.0) is grants[2], "then medium"
+    grants[2].preempt_asked_at = 10.0
+    assert choose_victim(grants, Priority.HIGH, now=10.0, window_s=2.0) is None, "never a high, never an old one"
+    assert choose_victim(grants, Priority.LOW, now=10.0, window_s=2.0) is None
+    assert pending_asks(grants, now=10.0) == 3
+    assert pending_asks(grants, now=10.0 + ASK_TTL_S) == 0, "unanswered asks count as refused"
