@@ -138,14 +138,14 @@ class Admission:
         finally:
             timer.cancel()
 
-    def release(self, slot: Slot, tpot_s: float | None = None) -> None:
-        """`tpot_s`: the request's mean time per output token, which teaches its replica's limit."""
+    def release(self, slot: Slot, per_token_s: float | None = None) -> None:
+        """`per_token_s`: the request's mean time per output token, which teaches its replica's limit."""
         if slot not in self.active:
             return
         self.active.discard(slot)
         replica = slot.replica
-        if tpot_s is not None and replica.limiter is not None and replica.live:
-            replica.limiter.observe((slot.concurrency + replica.in_flight) / 2, tpot_s)
+        if per_token_s is not None and replica.limiter is not None and replica.live:
+            replica.limiter.observe((slot.concurrency + replica.in_flight) / 2, per_token_s)
         self.replicas.give_back(replica)
         service_s = self._clock() - slot.granted_at
         self._mean_service_s = 0.8 * self._mean_service_s + 0.2 * service_s

@@ -103,12 +103,12 @@ class AdmissionActor:
         return {"url": slot.replica.url, "queue_wait_s": slot.queue_wait_s}
 
     async def release_many(self, releases: list[tuple[str, float | None]]) -> None:
-        """(request id, its mean TPOT or None) pairs. Idempotent. A Router also releases a request whose client
+        """(request id, its service time per output token or None) pairs. Idempotent. A Router also releases a request whose client
         left while queued, which covers the race where the grant and the cancellation cross."""
-        for request_id, tpot_s in releases:
+        for request_id, per_token_s in releases:
             slot = self._slots.pop(request_id, None)
             if slot is not None:
-                self.admission.release(slot, tpot_s)
+                self.admission.release(slot, per_token_s)
                 continue
             task = self._waiting.get(request_id)
             if task is not None:
@@ -184,7 +184,9 @@ class AdmissionActor:
     async def state(self) -> dict[str, Any]:
         admission = self.admission
         queue = admission.queue
-        tpots = [r.limiter.unloaded_tpot_s for r in admission.replicas if r.limiter and r.limiter.unloaded_tpot_s]
+        tpots = [
+            r.limiter.unloaded_per_token_s for r in admission.replicas if r.limiter and r.limiter.unloaded_per_token_s
+        ]
         return {
             **{f"queued_{p.label}": queue.depth(p) for p in Priority},
             "in_flight": admission.in_use,
@@ -192,7 +194,7 @@ class AdmissionActor:
             "capacity": admission.capacity,
             "replicas": len(admission.replicas),
             "drain_rate_per_s": round(admission.drain_rate(), 3),
-            "unloaded_tpot_ms": round(min(tpots) * 1000, 3) if tpots else 0,
+            "unloaded_ms_per_token": round(min(tpots) * 1000, 3) if tpots else 0,
             **{f"preempt_asks_{p.label}": admission.preempt_asks[p] for p in Priority},
             **{f"shed_at_arrival_{p.label}": admission.shed_count[p] for p in Priority},
         }
@@ -240,8 +242,8 @@ class AdmissionClient:
                     raise
         raise AssertionError("unreachable")
 
-    def release(self, request_id: str, tpot_s: float | None = None) -> None:
-        self._releases.append((request_id, tpot_s))
+    def release(self, request_id: str, per_token_s: float | None = None) -> None:
+        self._releases.append((request_id, per_token_s))
         if not self._releasing:
             self._releasing = True
             asyncio.ensure_future(self._send_releases())

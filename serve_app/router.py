@@ -39,6 +39,8 @@ ENDPOINT_PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completion
 DONE = b"data: [DONE]\n\n"
 USAGE = b'"usage":{'  # only vLLM's final usage chunk has a usage object in a stream
 COMPLETION_TOKENS = re.compile(rb'"completion_tokens":\s*(\d+)')
+# Shorter answers are mostly prefill: they would teach the adaptive limit little but noise.
+MIN_SAMPLE_TOKENS = 8
 
 
 @dataclass
@@ -52,6 +54,7 @@ class InFlight:
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     queue_wait_s: float | None = None
     admitted: bool = False
+    granted_at: float | None = None
     upstream: aiohttp.ClientResponse | None = None
     body: dict[str, Any] = field(default_factory=dict, repr=False)
     first_chunk_at: float | None = None
@@ -63,11 +66,13 @@ class InFlight:
     finished: bool = False
 
     @property
-    def tpot_s(self) -> float | None:
-        """Mean time per output token after the first, for the replica's adaptive limit."""
-        if self.first_chunk_at is None or not self.output_tokens or self.output_tokens < 2:
+    def per_token_s(self) -> float | None:
+        """Service time (slot granted to last byte) per output token, which teaches the replica's adaptive
+        limit. Not first-to-last chunk: when the relay falls behind, a whole stream can arrive in one read,
+        and that span says nothing about the engine."""
+        if self.granted_at is None or not self.output_tokens or self.output_tokens < MIN_SAMPLE_TOKENS:
             return None
-        return (time.monotonic() - self.first_chunk_at) / (self.output_tokens - 1)
+        return (time.monotonic() - self.granted_at) / self.output_tokens
 
     def finish(self, outcome: Outcome, kind: str | None = None) -> None:
         if self.finished:
@@ -282,6 +287,7 @@ class Router:
                 flight.finish("error", "admission_failed")
             raise
         flight.admitted = True
+        flight.granted_at = time.monotonic()
         self._flights[flight.request_id] = flight
         flight.queue_wait_s = (flight.queue_wait_s or 0.0) + grant["queue_wait_s"]
         flight.body = body
@@ -396,7 +402,7 @@ class Router:
     def _on_finish(self, flight: InFlight, record: RequestRecord) -> None:
         if flight.admitted:
             self._flights.pop(flight.request_id, None)
-            self.admission.release(flight.request_id, flight.tpot_s if record.outcome == "completed" else None)
+            self.admission.release(flight.request_id, flight.per_token_s if record.outcome == "completed" else None)
         self.reporter.add(record)
 
     async def _send_records(self, records: list[dict[str, Any]]) -> None:

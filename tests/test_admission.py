@@ -181,11 +181,11 @@ async def test_released_samples_lower_the_limit_and_waiters_respect_it():
     factory = lambda bound: KneeLimit(bound, knee_share=0.5)  # noqa: E731
     adm = make_admission(capacity=8, limiter_factory=factory)
     first = await adm.acquire(Priority.MEDIUM)
-    adm.release(first, tpot_s=0.010)  # alone on the replica: the unloaded TPOT
+    adm.release(first, per_token_s=0.010)  # alone on the replica: the unloaded TPOT
     slots = [await adm.acquire(Priority.MEDIUM) for _ in range(8)]
     for slot in slots[:4]:
         running = (slot.concurrency + adm.in_use) / 2  # what the replica ran, on average, while it ran
-        adm.release(slot, tpot_s=0.010 + 0.005 * running)  # each running request adds 5 ms: knee = 2
+        adm.release(slot, per_token_s=0.010 + 0.005 * running)  # each running request adds 5 ms: knee = 2
     assert adm.replicas.limit == 2
     waiting = asyncio.create_task(adm.acquire(Priority.MEDIUM))
     await settle()

@@ -26,7 +26,7 @@ def test_knee_limit_starts_at_the_upper_bound_and_settles_at_the_knee():
     for concurrency in [64, 48, 40, 40, 40] * 40:
         limit.observe(concurrency, engine_tpot(concurrency))
     # knee = 0.8 / 0.2 * a / b = 4 * 10 = 40; the unloaded TPOT seen was a + b (one request running)
-    assert limit.unloaded_tpot_s == pytest.approx(0.011)
+    assert limit.unloaded_per_token_s == pytest.approx(0.011)
     assert 36 <= limit.limit <= 44
     throughput = limit.limit / engine_tpot(limit.limit)
     assert throughput >= 0.75 / 0.001, "the knee keeps most of the engine's peak throughput"

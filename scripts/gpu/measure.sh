@@ -10,6 +10,9 @@
 OUT=${OUT:-/tmp/out}; raw=/tmp/measure; mkdir -p "$raw/prof" "$OUT"
 CONCS=${CONCS:-1 64 256}; PARTS=${PARTS:-closed open}; OPEN_RATE=${OPEN_RATE:-80}; OPEN_N=${OPEN_N:-1600}
 say() { echo "$*" | tee -a "$OUT/summary.txt"; }
+state() {  # the gateway's live admission state: adaptive limit, queues, preemptions, sheds
+  say "gateway state: $(curl -s -m 5 127.0.0.1:8000/v1/stats | python3 -c 'import json,sys; print(json.load(sys.stdin)["router"])')"
+}
 
 profile() {  # waits for the gateway's load, then samples it
   for _ in $(seq 1 120); do
@@ -44,6 +47,7 @@ if [[ " $PARTS " == *" closed "* ]]; then
     wait
   done
   curl -s -m 5 127.0.0.1:8000/v1/stats > "$raw/gateway_stats_after_closed.json"
+  state
 fi
 
 if [[ " $PARTS " == *" open "* ]]; then
@@ -56,6 +60,7 @@ if [[ " $PARTS " == *" open "* ]]; then
       --requests "$OPEN_N" --max-tokens 256 --priority-mix high:0.2,medium:0.3,low:0.5 --priority-as $as \
       --out "$raw/open_r${OPEN_RATE}_p$port.json" | tee -a "$OUT/summary.txt"
   done
+  state
 fi
 curl -s -m 5 127.0.0.1:8000/v1/stats > "$raw/gateway_stats.json"
 cp /tmp/gateway.log "$raw/" 2>/dev/null

@@ -31,6 +31,7 @@ class RequestResult:
     status: int | None = None
     outcome: str = "ok"  # ok | rate_limited | timeout | error
     error: str | None = None
+    retry_after: str | None = None  # the Retry-After header of an error answer
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,8 +69,9 @@ class StreamReader:
         return True
 
 
-def _finish_http_error(result: RequestResult, response_status: int, body: bytes) -> None:
+def _finish_http_error(result: RequestResult, response_status: int, body: bytes, retry_after: str | None) -> None:
     result.status = response_status
+    result.retry_after = retry_after
     result.outcome = "rate_limited" if response_status == 429 else "error"
     try:
         message = json.loads(body)["error"]["message"]
@@ -99,7 +101,7 @@ def send_sync(
     try:
         with client.stream("POST", path, json=body, headers=headers) as response:
             if response.status_code != 200:
-                _finish_http_error(result, response.status_code, response.read())
+                _finish_http_error(result, response.status_code, response.read(), response.headers.get("retry-after"))
             else:
                 result.status = 200
                 reader = StreamReader(result, origin)
@@ -126,7 +128,9 @@ async def send_async(
     try:
         async with client.stream("POST", path, json=body, headers=headers) as response:
             if response.status_code != 200:
-                _finish_http_error(result, response.status_code, await response.aread())
+                _finish_http_error(
+                    result, response.status_code, await response.aread(), response.headers.get("retry-after")
+                )
             else:
                 result.status = 200
                 reader = StreamReader(result, origin)

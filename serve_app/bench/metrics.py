@@ -98,6 +98,12 @@ def summarize(
         "itl_ms": distribution(v for r in ok for v in itls(r)),
         "e2el_ms": distribution(e2el(r) for r in ok),
     }
+    refused = [r for r in results if r.outcome == "rate_limited"]
+    summary["rejections"] = {
+        "count": len(refused),
+        "with_retry_after": sum(1 for r in refused if (r.retry_after or "").isdigit()),
+        "latency_ms": distribution(r.end_at - r.sent_at for r in refused),
+    }
     if slo:
         good = sum(1 for r in ok if meets_slo(r, slo))
         summary["slo"] = slo

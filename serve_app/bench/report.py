@@ -87,14 +87,18 @@ def markdown(run: dict[str, Any]) -> str:
         lines += [
             "## Per priority",
             "",
-            "| server | mode | load | priority | ok | 429 | TTFT p50 | TTFT p99 | E2EL p50 |",
+            "| server | mode | load | priority | ok | 429 (with Retry-After) | 429 p99 | TTFT p50 | TTFT p99 "
+            "| TTFT from schedule p50 | p99 | E2EL p50 |",
         ]
-        lines += ["|---|---|---|---|---|---|---|---|---|"]
+        lines += ["|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for step, p, s in per_priority:
+            refused = s.get("rejections") or {"count": 0, "with_retry_after": 0, "latency_ms": {"p99": None}}
+            scheduled = s.get("ttft_from_intended_ms") or {"p50": None, "p99": None}
             lines.append(
                 f"| {step['server']} | {step['mode']} | {step['load']}={step['value']} | {p} | {s['outcomes']['ok']} "
-                f"| {s['outcomes']['rate_limited']} | {_fmt(s['ttft_ms']['p50'])} | {_fmt(s['ttft_ms']['p99'])} "
-                f"| {_fmt(s['e2el_ms']['p50'])} |"
+                f"| {refused['count']} ({refused['with_retry_after']}) | {_fmt(refused['latency_ms']['p99'])} "
+                f"| {_fmt(s['ttft_ms']['p50'])} | {_fmt(s['ttft_ms']['p99'])} "
+                f"| {_fmt(scheduled['p50'])} | {_fmt(scheduled['p99'])} | {_fmt(s['e2el_ms']['p50'])} |"
             )
         lines.append("")
     if run.get("ratios"):

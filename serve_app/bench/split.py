@@ -83,10 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     line += f" ({summary['request_throughput']:.1f} req/s, {summary['output_token_throughput']:.0f} tok/s)"
     print(line + (" [client-bound]" if summary.get("client_bound") else ""))
     for name, part in summary.get("per_priority", {}).items():
-        ttft = part["ttft_ms"]
+        ttft, late = part["ttft_ms"], part.get("ttft_from_intended_ms") or {}
+        refused = part["rejections"]
         print(
-            f"  {name:6s} ok {part['completed']}/{part['requests']} rejected {part['outcomes']['rate_limited']} "
-            f"TTFT p50 {ttft['p50'] or 0:.0f} ms p99 {ttft['p99'] or 0:.0f} ms"
+            f"  {name:6s} ok {part['completed']}/{part['requests']} rejected {refused['count']} "
+            f"({refused['with_retry_after']} with Retry-After, p99 {refused['latency_ms']['p99'] or 0:.0f} ms) "
+            f"TTFT p50 {ttft['p50'] or 0:.0f} ms p99 {ttft['p99'] or 0:.0f} ms, "
+            f"from schedule p50 {late.get('p50') or 0:.0f} p99 {late.get('p99') or 0:.0f} ms"
         )
     if args.out:
         with open(args.out, "w") as f:
