@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 from typing import Any
 
 import aiohttp
@@ -22,6 +24,7 @@ from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.admission import Admission, NotReady, QueueFull, QueueTimeout, Shed, Slot
+from serve_app.api_keys import RateLimits
 from serve_app.concurrency_limit import KneeLimit
 from serve_app.config import NO_ACCESS_LOG, SINGLE_LOOP_ENV, AdmissionConfig, QueueConfig
 from serve_app.errors import GatewayError
@@ -52,8 +55,16 @@ def build_admission(queue: QueueConfig, config: AdmissionConfig) -> Admission:
 
 
 class AdmissionActor:
-    def __init__(self, queue: QueueConfig, config: AdmissionConfig | None = None, replica_check_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        queue: QueueConfig,
+        config: AdmissionConfig | None = None,
+        replica_check_s: float = 2.0,
+        rate_limits: dict[str, tuple[float | None, float | None]] | None = None,
+    ) -> None:
         self.admission = build_admission(queue, config or AdmissionConfig())
+        self.rates = RateLimits(rate_limits or {})
+        self._tenants: dict[str, str] = {}  # API key name, by request id, to charge its output tokens
         self.admission.on_preempt = self._ask_to_preempt
         self._mailboxes: dict[str, list[str]] = {}  # preemption asks, by router id
         self._mail = asyncio.Event()
@@ -67,11 +78,26 @@ class AdmissionActor:
     # ---- per request ---------------------------------------------------------------------------
 
     async def acquire(
-        self, request_id: str, priority: int, router_id: str | None = None, front: bool = False
+        self,
+        request_id: str,
+        priority: int,
+        router_id: str | None = None,
+        front: bool = False,
+        tenant: str | None = None,
     ) -> dict[str, Any]:
         """Waits for a slot; returns the replica's URL and the wait. Raises GatewayError (429/503).
-        `router_id` makes the request preemptible: asks reach that Router through `preemptions`."""
+        `router_id` makes the request preemptible: asks reach that Router through `preemptions`.
+        `tenant`: the API key's name, whose rate limits apply (here, so that they hold across Routers)."""
         prio = Priority(priority)
+        if tenant is not None and not front:
+            wait_s = self.rates.admit(tenant, time.monotonic())
+            if wait_s > 0:
+                raise GatewayError(
+                    429,
+                    f"the rate limit of API key '{tenant}' is reached; retry later",
+                    retry_after_s=max(1, math.ceil(wait_s)),
+                    kind="rate_limited",
+                )
         task = asyncio.ensure_future(self.admission.acquire(prio, front=front))
         self._waiting[request_id] = task
         try:
@@ -99,13 +125,18 @@ class AdmissionActor:
             raise GatewayError(499, "the client left while queued", kind="client_gone")
         if router_id is not None:
             slot.owner = (router_id, request_id)
+        if tenant is not None:
+            self._tenants[request_id] = tenant
         self._slots[request_id] = slot
         return {"url": slot.replica.url, "queue_wait_s": slot.queue_wait_s}
 
-    async def release_many(self, releases: list[tuple[str, float | None]]) -> None:
-        """(request id, its service time per output token or None) pairs. Idempotent. A Router also releases a request whose client
+    async def release_many(self, releases: list[tuple[str, float | None, int]]) -> None:
+        """(request id, its service time per output token or None, its output tokens) triples. Idempotent. A Router also releases a request whose client
         left while queued, which covers the race where the grant and the cancellation cross."""
-        for request_id, per_token_s in releases:
+        for request_id, per_token_s, tokens in releases:
+            tenant = self._tenants.pop(request_id, None)
+            if tenant is not None:
+                self.rates.charge_tokens(tenant, tokens, time.monotonic())
             slot = self._slots.pop(request_id, None)
             if slot is not None:
                 self.admission.release(slot, per_token_s)
@@ -209,9 +240,15 @@ class AdmissionOwner:
     """The Admission deployment: creates the slot keeper, hands out its actor handle, and fails its health
     check when the keeper is gone, so Ray Serve restarts both."""
 
-    def __init__(self, queue: QueueConfig, config: AdmissionConfig | None = None, replica_check_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        queue: QueueConfig,
+        config: AdmissionConfig | None = None,
+        replica_check_s: float = 2.0,
+        rate_limits: dict[str, tuple[float | None, float | None]] | None = None,
+    ) -> None:
         keeper = ray.remote(num_cpus=0, max_concurrency=1_000_000)(AdmissionActor)
-        self.keeper = keeper.remote(queue, config, replica_check_s)
+        self.keeper = keeper.remote(queue, config, replica_check_s, rate_limits)
 
     async def keeper_handle(self) -> Any:
         return self.keeper
@@ -227,7 +264,7 @@ class AdmissionClient:
     def __init__(self, owner: DeploymentHandle) -> None:
         self._owner = owner
         self._keeper: Any = None
-        self._releases: list[tuple[str, float | None]] = []
+        self._releases: list[tuple[str, float | None, int]] = []
         self._releasing = False
 
     async def call(self, method: str, *args: Any) -> Any:
@@ -242,8 +279,8 @@ class AdmissionClient:
                     raise
         raise AssertionError("unreachable")
 
-    def release(self, request_id: str, per_token_s: float | None = None) -> None:
-        self._releases.append((request_id, per_token_s))
+    def release(self, request_id: str, per_token_s: float | None = None, tokens: int = 0) -> None:
+        self._releases.append((request_id, per_token_s, tokens))
         if not self._releasing:
             self._releasing = True
             asyncio.ensure_future(self._send_releases())

@@ -18,7 +18,9 @@ def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
     the Metrics deployment collects every finished request."""
     if not isinstance(args, AppArgs):
         args = AppArgs.model_validate(args or {})
-    admission = AdmissionDeployment.bind(args.queue, args.admission, args.replica_check_s)
+    if args.auth.key_file:  # read once, here; the Routers get the keys themselves
+        args = args.model_copy(update={"auth": type(args.auth)(keys=args.auth.resolved())})
+    admission = AdmissionDeployment.bind(args.queue, args.admission, args.replica_check_s, args.auth.rate_limits())
     llm = LLMDeployment.options(**args.llm.deployment_options()).bind(args.llm, admission)
     metrics = MetricsDeployment.bind(args.otel_exporter)
     router = RouterDeployment.options(num_replicas=args.router.num_replicas)

@@ -163,10 +163,42 @@ class RouterConfig(StrictModel):
     num_replicas: int = Field(1, ge=1, description="Router replicas; they share the queues through Admission")
 
 
+class ApiKeyConfig(StrictModel):
+    name: str = Field(description="who the key belongs to: what logs and limits name (the key itself never is)")
+    max_priority: Literal["high", "medium", "low"] = Field("high", description="higher asks are capped to this")
+    requests_per_s: float | None = Field(None, gt=0, description="more requests get 429 with Retry-After")
+    output_tokens_per_min: float | None = Field(None, gt=0, description="past this, requests get 429 until paid back")
+    admin: bool = Field(False, description="may read /metrics and /v1/stats")
+
+
+class AuthConfig(StrictModel):
+    """API keys, off while none is given. `key_file` is a YAML or JSON file with the same mapping as `keys`
+    (key -> settings), read where the application is built; it keeps keys out of the deploy config."""
+
+    keys: dict[str, ApiKeyConfig] = Field(default_factory=dict)
+    key_file: str | None = None
+
+    def resolved(self) -> dict[str, ApiKeyConfig]:
+        keys = dict(self.keys)
+        if self.key_file:
+            import yaml
+
+            with open(self.key_file) as f:
+                raw = yaml.safe_load(f) or {}
+            if not isinstance(raw, dict):
+                raise ValueError(f"{self.key_file}: expected a mapping of API key to its settings")
+            keys.update({str(k): ApiKeyConfig.model_validate(v) for k, v in raw.items()})
+        return keys
+
+    def rate_limits(self) -> dict[str, tuple[float | None, float | None]]:
+        return {c.name: (c.requests_per_s, c.output_tokens_per_min) for c in self.resolved().values()}
+
+
 class AppArgs(StrictModel):
     llm: LLMConfig = LLMConfig()
     queue: QueueConfig = QueueConfig()
     admission: AdmissionConfig = AdmissionConfig()
+    auth: AuthConfig = AuthConfig()
     http: HttpConfig = HttpConfig()
     router: RouterConfig = RouterConfig()
     replica_check_s: float = Field(2.0, gt=0, description="how often Admission checks that each replica answers")

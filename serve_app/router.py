@@ -26,6 +26,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from serve_app import http_server
 from serve_app.admission_actor import NOT_READY_RETRY_S, AdmissionClient
+from serve_app.api_keys import KeyPolicy, KeyRing, bearer
 from serve_app.config import NO_ACCESS_LOG, SINGLE_LOOP_ENV, AppArgs
 from serve_app.errors import GatewayError
 from serve_app.metrics_reporter import MetricsReporter
@@ -51,6 +52,7 @@ class InFlight:
     endpoint: str
     arrived: float
     on_finish: Callable[[InFlight, RequestRecord], None]
+    tenant: str | None = None  # the API key's name, when keys are on
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     queue_wait_s: float | None = None
     admitted: bool = False
@@ -63,6 +65,7 @@ class InFlight:
     relaying: bool = False  # the response is a stream that the Router is reading
     preempted: bool = False  # the Router closed the upstream on purpose, to run it again later
     preemptions: int = 0
+    retried: bool = False  # sent again once after a replica failed before the first byte
     finished: bool = False
 
     @property
@@ -108,6 +111,14 @@ class Router:
         self.args = args
         self.reporter = MetricsReporter(self._send_records, args.metrics_flush_s)
         self.router_id = uuid.uuid4().hex
+        self.keys = KeyRing(
+            {
+                key: KeyPolicy(
+                    c.name, Priority[c.max_priority.upper()], c.requests_per_s, c.output_tokens_per_min, c.admin
+                )
+                for key, c in args.auth.resolved().items()
+            }
+        )
         self._flights: dict[str, InFlight] = {}  # admitted and not finished, by request id: for preemption
         self._models: dict[str, Any] | None = None
         self._routes: dict[tuple[str, str], Callable[[Request], Awaitable[Response]]] = {
@@ -118,6 +129,8 @@ class Router:
             ("GET", "/metrics"): self._http_prometheus,
             ("GET", "/v1/stats"): self._http_stats,
         }
+        self._admin_paths = {"/metrics", "/v1/stats"}
+        self._open_paths = {"/health"}  # load balancers and probes carry no key
         # No total timeout: a stream lasts as long as generation does. Unlimited pool: admission bounds it.
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, force_close=False, enable_cleanup_closed=True),
@@ -150,6 +163,8 @@ class Router:
             if handler is None:
                 known = any(p == path for _, p in self._routes)
                 raise GatewayError(405 if known else 404, f"no route for {request.method} {request.url.path}")
+            if self.keys and path not in self._open_paths:
+                request.state.key = self._authorize(request, path)
             return await handler(request)
         except GatewayError as exc:
             return exc.response()
@@ -157,13 +172,29 @@ class Router:
             logger.exception("unexpected error answering %s %s", request.method, path)
             return GatewayError(500, "internal error in the gateway; see the router's log").response()
 
+    def _authorize(self, request: Request, path: str) -> KeyPolicy:
+        """401 without a known key, 403 for a non-admin key on the admin paths. The key is never logged."""
+        policy = self.keys.lookup(bearer(request.headers.get("authorization")))
+        if policy is None:
+            raise GatewayError(
+                401, "a valid API key is required: send it as 'Authorization: Bearer <key>'", kind="unauthorized"
+            )
+        if path in self._admin_paths and not policy.admin:
+            raise GatewayError(403, f"{path} needs an admin API key", kind="forbidden")
+        return policy
+
     async def _http_generate(self, request: Request, endpoint: str) -> Response:
         arrived = time.monotonic()
         body = await _json_body(request, self.args.http.max_body_bytes)
         if endpoint == "chat":
             _roles_or_400(body)
         priority = _priority_or_400(request.headers.get(PRIORITY_HEADER), body)
-        flight = InFlight(priority, endpoint, arrived, self._on_finish)
+        key: KeyPolicy | None = getattr(request.state, "key", None)
+        tenant = None
+        if key is not None:  # a class above the key's highest is capped, and X-Priority says which it got
+            priority = key.cap(priority)
+            tenant = key.name if key.requests_per_s or key.output_tokens_per_min else None
+        flight = InFlight(priority, endpoint, arrived, self._on_finish, tenant)
         try:
             upstream = await http_server.unless_disconnected(request.receive, self._dispatch(flight, body))
         except http_server.ClientGone:
@@ -275,7 +306,9 @@ class Router:
         """Queue for a slot, send to its replica, and return the replica's response once its headers are in.
         A rejection finishes the request and raises GatewayError. `front`: queue again after a preemption."""
         try:
-            grant = await self.admission.call("acquire", flight.request_id, int(flight.priority), self.router_id, front)
+            grant = await self.admission.call(
+                "acquire", flight.request_id, int(flight.priority), self.router_id, front, flight.tenant
+            )
         except GatewayError as exc:
             flight.finish("rejected" if exc.status in (429, 503) else "error", exc.kind)
             raise GatewayError(exc.status, exc.message, retry_after_s=exc.retry_after_s, kind=exc.kind) from None
@@ -302,6 +335,11 @@ class Router:
             flight.upstream = await self.session.post(url, data=payload, headers={"content-type": "application/json"})
         except (aiohttp.ClientError, OSError) as exc:
             asyncio.ensure_future(self.admission.call("report_failure", grant["url"]))
+            if not flight.retried:  # nothing was sent to the client: once more, on another replica
+                logger.warning("LLM replica at %s unreachable (%s); retrying once", grant["url"], type(exc).__name__)
+                flight.retried = True
+                self._give_up_slot(flight)
+                return await self._dispatch(flight, body, front=True)
             flight.finish("error", "engine_unreachable")
             raise GatewayError(
                 503,
@@ -312,6 +350,12 @@ class Router:
         except BaseException:
             flight.finish("cancelled", "client_gone")
             raise
+        if flight.upstream.status >= 500 and not flight.retried:  # the engine failed; nothing was sent yet
+            logger.warning("LLM replica at %s answered %d; retrying once", grant["url"], flight.upstream.status)
+            flight.upstream.close()
+            flight.retried = True
+            self._give_up_slot(flight)
+            return await self._dispatch(flight, body, front=True)
         return flight.upstream
 
     async def _relay(self, flight: InFlight, upstream: aiohttp.ClientResponse) -> AsyncGenerator[bytes, None]:
@@ -334,7 +378,13 @@ class Router:
                 failure = "the stream ended before [DONE]"
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 failure = type(exc).__name__
-            if not flight.preempted:
+            if flight.preempted:
+                flight.preempted = False
+                flight.preemptions += 1
+            elif flight.first_chunk_at is None and not flight.retried:  # failed before a byte went out
+                logger.warning("LLM replica failed before the first byte (%s); retrying once", failure)
+                flight.retried = True
+            else:
                 break
             try:
                 upstream = await self._start_again(flight)
@@ -346,14 +396,16 @@ class Router:
         error = GatewayError(502, f"the model replica failed mid-stream: {failure}", kind="engine_error")
         yield f"data: {json.dumps(error.body())}\n\ndata: [DONE]\n\n".encode()
 
-    async def _start_again(self, flight: InFlight) -> aiohttp.ClientResponse:
-        """After a preemption: give back the old slot, queue at the head of the class under a new id, resend."""
-        flight.preempted = False
-        flight.preemptions += 1
+    def _give_up_slot(self, flight: InFlight) -> None:
+        """Releases the request's slot and gives it a new id, to queue again at the head of its class."""
         self._flights.pop(flight.request_id, None)
         self.admission.release(flight.request_id)
         flight.request_id = uuid.uuid4().hex
         flight.upstream = None
+
+    async def _start_again(self, flight: InFlight) -> aiohttp.ClientResponse:
+        """After a preemption or a failure before the first byte: give back the slot, queue again, resend."""
+        self._give_up_slot(flight)
         upstream = await self._dispatch(flight, flight.body, front=True)
         if upstream.content_type != "text/event-stream":  # an error answer from the engine, whole
             payload = await upstream.read()
@@ -402,7 +454,8 @@ class Router:
     def _on_finish(self, flight: InFlight, record: RequestRecord) -> None:
         if flight.admitted:
             self._flights.pop(flight.request_id, None)
-            self.admission.release(flight.request_id, flight.per_token_s if record.outcome == "completed" else None)
+            per_token_s = flight.per_token_s if record.outcome == "completed" else None
+            self.admission.release(flight.request_id, per_token_s, flight.output_tokens or 0)
         self.reporter.add(record)
 
     async def _send_records(self, records: list[dict[str, Any]]) -> None:
@@ -446,7 +499,7 @@ async def _json_body(request: Request, limit: int) -> dict[str, Any]:
     raw = b"".join(chunks)
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
         raise GatewayError(400, f"the request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise GatewayError(400, "the request body must be a JSON object")

@@ -42,6 +42,11 @@ TEST_ARGS = {
 }
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that kill parts of the shared gateway run after all others."""
+    items.sort(key=lambda item: item.get_closest_marker("destructive") is not None)
+
+
 @pytest.fixture(scope="session")
 def gateway() -> Iterator[str]:
     import ray

@@ -58,10 +58,16 @@ def test_default_model_runs_in_float32_unless_told_otherwise():
     assert "dtype" not in LLMConfig(model_source="Qwen/Qwen3-0.6B").engine_options()
 
 
-def test_autoscaling_defaults_really_scale_and_bad_bounds_are_refused():
+def test_autoscaling_defaults_stay_on_one_cpu_replica_and_bad_bounds_are_refused():
     default = AutoscalingConfig()
-    assert default.max_replicas > default.min_replicas
+    assert default.min_replicas == default.max_replicas == 1, "one CPU engine already uses every core"
     assert default.target_ongoing_requests < default.max_ongoing_requests < 1000
+    local = yaml.safe_load((Path(__file__).parent.parent / "configs" / "local.yaml").read_text())
+    assert local["applications"][0]["args"]["llm"]["autoscaling"]["max_replicas"] == 1
+    for path in CONFIGS:  # GPU configs scale: one GPU per replica
+        args = AppArgs.model_validate(yaml.safe_load(path.read_text())["applications"][0]["args"])
+        if args.llm.accelerator == "gpu" and "bench" not in path.name:
+            assert args.llm.autoscaling.max_replicas > args.llm.autoscaling.min_replicas
     with pytest.raises(ValueError):
         AutoscalingConfig(target_ongoing_requests=32, max_ongoing_requests=32)
     with pytest.raises(ValueError):
