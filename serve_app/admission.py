@@ -96,7 +96,14 @@ class Admission:
         return self.replicas.in_flight
 
     def replicas_changed(self) -> None:
-        """Call after adding or removing replicas: new slots go to waiters at once."""
+        """Call after adding or removing replicas: new slots go to waiters at once, and when no replica is
+        left, every waiter learns it now (503, recovering) instead of timing out later as if overloaded."""
+        if self.capacity == 0:
+            while (waiter := self.queue.pop(self._clock())) is not None:
+                future: asyncio.Future[Slot] = waiter.payload
+                if not future.done():
+                    future.set_exception(NotReady("no LLM replica is left to serve"))
+            return
         self._dispatch()
 
     def drain_rate(self) -> float:

@@ -182,13 +182,25 @@ class AdmissionActor:
     async def deregister_replica(self, replica_id: str) -> None:
         if self.admission.replicas.remove(replica_id) is not None:
             logger.info("replica %s left", replica_id)
+            self.admission.replicas_changed()
 
-    async def report_failure(self, url: str) -> None:
-        """A Router could not reach this replica: stop dispatching there until it registers again."""
+    async def report_failure(self, url: str, verify: bool = False) -> None:
+        """A Router could not reach this replica (or, with `verify`, got a 5xx from it and it fails its health
+        check too): stop dispatching there until it registers again."""
         replica = self.admission.replicas.by_url(url)
-        if replica is not None:
-            logger.warning("replica %s at %s failed; no more requests go there", replica.replica_id, url)
-            self.admission.replicas.remove(replica.replica_id)
+        if replica is None or (verify and await self._answers_health(url)):
+            return
+        logger.warning("replica %s at %s failed; no more requests go there", replica.replica_id, url)
+        self.admission.replicas.remove(replica.replica_id)
+        self.admission.replicas_changed()
+
+    async def _answers_health(self, url: str) -> bool:
+        try:
+            timeout = aiohttp.ClientTimeout(total=5)
+            async with aiohttp.ClientSession(timeout=timeout) as session, session.get(f"{url}/health") as response:
+                return response.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            return False
 
     async def _check_replicas(self) -> None:
         """Drops replicas that stop answering, so capacity and /health tell the truth without traffic."""

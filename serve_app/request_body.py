@@ -23,7 +23,7 @@ def check_chat_roles(body: dict[str, Any]) -> None:
         return  # missing or malformed: vLLM's own validation answers it
     for i, message in enumerate(messages):
         role = message.get("role") if isinstance(message, dict) else None
-        if role is not None and role not in CHAT_ROLES:
+        if role is not None and (not isinstance(role, str) or role not in CHAT_ROLES):
             raise InvalidBody(
                 f"messages[{i}].role {role!r} is not one of {', '.join(sorted(CHAT_ROLES))}", f"messages[{i}].role"
             )

@@ -330,7 +330,11 @@ class Router:
             options = sent.get("stream_options") or {}
             flight.client_wants_usage = bool(options.get("include_usage"))
             sent["stream_options"] = {**options, "include_usage": True}
-        payload = json.dumps(sent).encode()
+        try:  # UTF-8, as the engine reads it; a lone surrogate (valid JSON escape, invalid text) fails here
+            payload = json.dumps(sent, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            flight.finish("error", "bad_request")
+            raise GatewayError(400, "the request contains text that is not valid Unicode (a lone surrogate)") from None
         try:
             flight.upstream = await self.session.post(url, data=payload, headers={"content-type": "application/json"})
         except (aiohttp.ClientError, OSError) as exc:
@@ -353,6 +357,7 @@ class Router:
         if flight.upstream.status >= 500 and not flight.retried:  # the engine failed; nothing was sent yet
             logger.warning("LLM replica at %s answered %d; retrying once", grant["url"], flight.upstream.status)
             flight.upstream.close()
+            await self.admission.call("report_failure", grant["url"], True)  # a dead engine takes no more
             flight.retried = True
             self._give_up_slot(flight)
             return await self._dispatch(flight, body, front=True)

@@ -196,3 +196,15 @@ async def test_released_samples_lower_the_limit_and_waiters_respect_it():
     adm.release(slots[6])
     await asyncio.wait_for(waiting, 1)
     assert adm.in_use == 2
+
+
+async def test_waiters_get_not_ready_at_once_when_the_last_replica_goes():
+    adm = make_admission(capacity=1)
+    await adm.acquire(Priority.MEDIUM)
+    waiting = asyncio.create_task(adm.acquire(Priority.MEDIUM))
+    await settle()
+    adm.replicas.remove("r0")
+    adm.replicas_changed()
+    with pytest.raises(NotReady):
+        await asyncio.wait_for(waiting, 1)
+    assert len(adm.queue) == 0

@@ -41,3 +41,9 @@ def test_chat_roles_outside_openais_set_are_refused_with_their_place():
     with pytest.raises(InvalidBody) as caught:
         check_chat_roles({"messages": [{"role": "user", "content": "x"}, {"role": "wizard", "content": "y"}]})
     assert caught.value.param == "messages[1].role" and "'wizard'" in str(caught.value)
+
+
+def test_a_role_that_is_not_a_string_is_refused_not_crashed_on():
+    for role in (["user"], {"a": 1}, 3):
+        with pytest.raises(InvalidBody):
+            check_chat_roles({"messages": [{"role": role, "content": "x"}]})
