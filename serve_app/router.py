@@ -338,7 +338,7 @@ class Router:
         try:
             flight.upstream = await self.session.post(url, data=payload, headers={"content-type": "application/json"})
         except (aiohttp.ClientError, OSError) as exc:
-            asyncio.ensure_future(self.admission.call("report_failure", grant["url"]))
+            await self._report_failure(grant["url"])  # before the retry, so that it goes elsewhere
             if not flight.retried:  # nothing was sent to the client: once more, on another replica
                 logger.warning("LLM replica at %s unreachable (%s); retrying once", grant["url"], type(exc).__name__)
                 flight.retried = True
@@ -357,7 +357,7 @@ class Router:
         if flight.upstream.status >= 500 and not flight.retried:  # the engine failed; nothing was sent yet
             logger.warning("LLM replica at %s answered %d; retrying once", grant["url"], flight.upstream.status)
             flight.upstream.close()
-            await self.admission.call("report_failure", grant["url"], True)  # a dead engine takes no more
+            await self._report_failure(grant["url"], verify=True)  # a dead engine takes no more
             flight.retried = True
             self._give_up_slot(flight)
             return await self._dispatch(flight, body, front=True)
@@ -400,6 +400,12 @@ class Router:
         flight.finish("error", "engine_error")
         error = GatewayError(502, f"the model replica failed mid-stream: {failure}", kind="engine_error")
         yield f"data: {json.dumps(error.body())}\n\ndata: [DONE]\n\n".encode()
+
+    async def _report_failure(self, url: str, verify: bool = False) -> None:
+        try:
+            await self.admission.call("report_failure", url, verify)
+        except Exception:  # Admission restarting: its replicas re-register, and the request goes on regardless
+            logger.exception("reporting the failure of %s failed", url)
 
     def _give_up_slot(self, flight: InFlight) -> None:
         """Releases the request's slot and gives it a new id, to queue again at the head of its class."""
