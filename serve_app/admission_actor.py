@@ -252,15 +252,10 @@ class AdmissionOwner:
     """The Admission deployment: creates the slot keeper, hands out its actor handle, and fails its health
     check when the keeper is gone, so Ray Serve restarts both."""
 
-    def __init__(
-        self,
-        queue: QueueConfig,
-        config: AdmissionConfig | None = None,
-        replica_check_s: float = 2.0,
-        rate_limits: dict[str, tuple[float | None, float | None]] | None = None,
-    ) -> None:
+    def __init__(self, *keeper_args: Any) -> None:
+        """`keeper_args` are AdmissionActor's, passed through unchanged."""
         keeper = ray.remote(num_cpus=0, max_concurrency=1_000_000)(AdmissionActor)
-        self.keeper = keeper.remote(queue, config, replica_check_s, rate_limits)
+        self.keeper = keeper.remote(*keeper_args)
 
     async def keeper_handle(self) -> Any:
         return self.keeper

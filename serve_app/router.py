@@ -30,7 +30,7 @@ from serve_app.api_keys import KeyPolicy, KeyRing, bearer
 from serve_app.config import NO_ACCESS_LOG, SINGLE_LOOP_ENV, AppArgs
 from serve_app.errors import GatewayError
 from serve_app.metrics_reporter import MetricsReporter
-from serve_app.priority import PRIORITY_HEADER, InvalidPriority, Priority, request_priority
+from serve_app.priority import PRIORITY_HEADER, InvalidPriority, Priority, parse_priority, request_priority
 from serve_app.request_body import InvalidBody, check_chat_roles, engine_body
 from serve_app.stats import Outcome, RequestRecord
 
@@ -114,7 +114,7 @@ class Router:
         self.keys = KeyRing(
             {
                 key: KeyPolicy(
-                    c.name, Priority[c.max_priority.upper()], c.requests_per_s, c.output_tokens_per_min, c.admin
+                    c.name, parse_priority(c.max_priority), c.requests_per_s, c.output_tokens_per_min, c.admin
                 )
                 for key, c in args.auth.resolved().items()
             }
@@ -341,9 +341,7 @@ class Router:
             await self._report_failure(grant["url"])  # before the retry, so that it goes elsewhere
             if not flight.retried:  # nothing was sent to the client: once more, on another replica
                 logger.warning("LLM replica at %s unreachable (%s); retrying once", grant["url"], type(exc).__name__)
-                flight.retried = True
-                self._give_up_slot(flight)
-                return await self._dispatch(flight, body, front=True)
+                return await self._dispatch_again(flight, body)
             flight.finish("error", "engine_unreachable")
             raise GatewayError(
                 503,
@@ -358,10 +356,14 @@ class Router:
             logger.warning("LLM replica at %s answered %d; retrying once", grant["url"], flight.upstream.status)
             flight.upstream.close()
             await self._report_failure(grant["url"], verify=True)  # a dead engine takes no more
-            flight.retried = True
-            self._give_up_slot(flight)
-            return await self._dispatch(flight, body, front=True)
+            return await self._dispatch_again(flight, body)
         return flight.upstream
+
+    async def _dispatch_again(self, flight: InFlight, body: dict[str, Any]) -> aiohttp.ClientResponse:
+        """The one retry of a request that failed before its first byte: a new slot, at the head of its class."""
+        flight.retried = True
+        self._give_up_slot(flight)
+        return await self._dispatch(flight, body, front=True)
 
     async def _relay(self, flight: InFlight, upstream: aiohttp.ClientResponse) -> AsyncGenerator[bytes, None]:
         """Bytes through: each read takes all that has arrived, so a backed-up stream sends fewer, larger writes.
