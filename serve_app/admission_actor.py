@@ -179,6 +179,16 @@ class AdmissionActor:
         if self.admission.replicas.get(replica_id) is None:
             await self.register_replica(replica_id, url, max_ongoing)
 
+    async def drain_replica(self, replica_id: str) -> int:
+        """The replica is stopping: no new request goes there. Returns how many it still runs; it leaves
+        (`deregister_replica`) once they are done, so their releases still count."""
+        replica = self.admission.replicas.drain(replica_id)
+        if replica is None:
+            return 0
+        logger.info("replica %s drains %d requests", replica_id, replica.in_flight)
+        self.admission.replicas_changed()
+        return replica.in_flight
+
     async def deregister_replica(self, replica_id: str) -> None:
         if self.admission.replicas.remove(replica_id) is not None:
             logger.info("replica %s left", replica_id)
@@ -235,7 +245,8 @@ class AdmissionActor:
             "in_flight": admission.in_use,
             "concurrency_limit": admission.replicas.limit,
             "capacity": admission.capacity,
-            "replicas": len(admission.replicas),
+            "replicas": admission.replicas.serving,
+            "replicas_draining": len(admission.replicas) - admission.replicas.serving,
             "drain_rate_per_s": round(admission.drain_rate(), 3),
             "unloaded_ms_per_token": round(min(tpots) * 1000, 3) if tpots else 0,
             **{f"preempt_asks_{p.label}": admission.preempt_asks[p] for p in Priority},
@@ -243,6 +254,8 @@ class AdmissionActor:
         }
 
     def _not_ready_message(self, exc: NotReady) -> str:
+        if len(self.admission.replicas):  # some are left, all of them draining
+            return "the model replicas are shutting down"
         if self._ever_ready:
             return "no model replica is serving right now: recovering after a replica failure or restart"
         return "the model is still loading"
@@ -252,10 +265,21 @@ class AdmissionOwner:
     """The Admission deployment: creates the slot keeper, hands out its actor handle, and fails its health
     check when the keeper is gone, so Ray Serve restarts both."""
 
-    def __init__(self, *keeper_args: Any) -> None:
+    def __init__(self, drain_timeout_s: float, *keeper_args: Any) -> None:
         """`keeper_args` are AdmissionActor's, passed through unchanged."""
         keeper = ray.remote(num_cpus=0, max_concurrency=1_000_000)(AdmissionActor)
         self.keeper = keeper.remote(*keeper_args)
+        self.drain_timeout_s = drain_timeout_s
+
+    async def __del__(self) -> None:
+        """On shutdown the keeper (owned here) goes with this replica: first let the requests that hold
+        slots finish, so that the Routers' releases still land while the LLM replicas drain."""
+        deadline = time.monotonic() + self.drain_timeout_s
+        try:
+            while (await self.keeper.state.remote())["in_flight"] and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+        except RayActorError:
+            pass
 
     async def keeper_handle(self) -> Any:
         return self.keeper

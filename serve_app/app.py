@@ -7,7 +7,7 @@ from typing import Any
 from ray.serve import Application
 
 from serve_app.admission_actor import AdmissionDeployment
-from serve_app.config import AppArgs
+from serve_app.config import AppArgs, shutdown_timeout_s
 from serve_app.llm_server import LLMDeployment
 from serve_app.metrics_actor import MetricsDeployment
 from serve_app.router import RouterDeployment
@@ -20,8 +20,12 @@ def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
         args = AppArgs.model_validate(args or {})
     if args.auth.key_file:  # read once, here; the Routers get the keys themselves
         args = args.model_copy(update={"auth": type(args.auth)(keys=args.auth.resolved())})
-    admission = AdmissionDeployment.bind(args.queue, args.admission, args.replica_check_s, args.auth.rate_limits())
-    llm = LLMDeployment.options(**args.llm.deployment_options()).bind(args.llm, admission)
+    drain = {"graceful_shutdown_timeout_s": shutdown_timeout_s(args.drain_timeout_s)}
+    admission = AdmissionDeployment.options(**drain).bind(
+        args.drain_timeout_s, args.queue, args.admission, args.replica_check_s, args.auth.rate_limits()
+    )
+    llm = LLMDeployment.options(**args.llm.deployment_options(args.drain_timeout_s))
+    llm = llm.bind(args.llm, admission, args.drain_timeout_s)
     metrics = MetricsDeployment.bind(args.otel_exporter)
-    router = RouterDeployment.options(num_replicas=args.router.num_replicas)
+    router = RouterDeployment.options(num_replicas=args.router.num_replicas, **drain)
     return router.bind(admission, llm, metrics, args)

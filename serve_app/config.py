@@ -74,6 +74,15 @@ SINGLE_LOOP_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 NO_ACCESS_LOG = {"enable_access_log": False}
 
 
+# Past the drain: time to stop vLLM's server (llm_server.STOP_TIMEOUT_S) and leave, before Ray Serve kills.
+SHUTDOWN_MARGIN_S = 30
+
+
+def shutdown_timeout_s(drain_timeout_s: float) -> float:
+    """Ray Serve's graceful_shutdown_timeout_s for a deployment that drains for up to `drain_timeout_s`."""
+    return drain_timeout_s + SHUTDOWN_MARGIN_S
+
+
 class AutoscalingConfig(StrictModel):
     """Replicas follow ongoing plus queued requests (`serve_app.autoscaling`), aiming at `target_ongoing_requests`
     each; the gateway never sends a replica more than `max_ongoing_requests`."""
@@ -130,7 +139,7 @@ class LLMConfig(StrictModel):
             raise ValueError("tensor_parallel_size > 1 needs accelerator: gpu")
         return self
 
-    def deployment_options(self) -> dict[str, Any]:
+    def deployment_options(self, drain_timeout_s: float = 60.0) -> dict[str, Any]:
         """One GPU per replica; with tensor parallelism, `tensor_parallel_size` GPUs of one node, which
         vLLM's server (a child process of the replica) drives with its own multiprocessing workers."""
         env = dict(SINGLE_LOOP_ENV)
@@ -143,7 +152,7 @@ class LLMConfig(StrictModel):
             "max_ongoing_requests": self.autoscaling.max_ongoing_requests + CONTROL_CALL_HEADROOM,
             "health_check_period_s": 10,
             "health_check_timeout_s": 60,
-            "graceful_shutdown_timeout_s": 30,
+            "graceful_shutdown_timeout_s": shutdown_timeout_s(drain_timeout_s),
         }
         actor["num_gpus"] = self.tensor_parallel_size if self.accelerator == "gpu" else 0
         options["ray_actor_options"] = actor
@@ -201,6 +210,9 @@ class AppArgs(StrictModel):
     auth: AuthConfig = AuthConfig()
     http: HttpConfig = HttpConfig()
     router: RouterConfig = RouterConfig()
+    drain_timeout_s: float = Field(
+        60.0, ge=0, description="on shutdown or downscale: how long requests in flight may take to finish"
+    )
     replica_check_s: float = Field(2.0, gt=0, description="how often Admission checks that each replica answers")
     metrics_flush_s: float = Field(0.5, gt=0, description="how often the router sends finished requests to metrics")
     otel_exporter: Literal["none", "console", "otlp"] = Field(

@@ -59,6 +59,18 @@ async def start(app: Any, sock: socket.socket) -> uvicorn.Server:
     return server
 
 
+async def drain(server: uvicorn.Server, timeout_s: float) -> None:
+    """Closes the listening socket (the other replicas sharing the port keep accepting), closes idle
+    connections, and waits for the responses in progress, streams included; past `timeout_s` it cuts them."""
+    server.should_exit = True
+    task: asyncio.Task[None] = server._serving_task  # type: ignore[attr-defined]
+    try:
+        await asyncio.wait_for(asyncio.shield(task), timeout_s)
+    except asyncio.TimeoutError:
+        server.force_exit = True
+        await asyncio.wait({task}, timeout=5)
+
+
 async def until_disconnected(receive: Any) -> None:
     """Returns when the client hangs up; call only once the request body has been read."""
     while True:

@@ -43,7 +43,7 @@ class EngineExited(RuntimeError):
 
 
 class LLMServer:
-    async def __init__(self, config: LLMConfig, admission: DeploymentHandle) -> None:
+    async def __init__(self, config: LLMConfig, admission: DeploymentHandle, drain_timeout_s: float = 60.0) -> None:
         vllm_compat.check_version()
         started = time.monotonic()
         model_path = resolve_model_source(config.model_source)
@@ -65,6 +65,7 @@ class LLMServer:
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.admission = AdmissionClient(admission)
         self.max_ongoing = config.autoscaling.max_ongoing_requests
+        self.drain_timeout_s = drain_timeout_s
         self.leaving = False
         await self.admission.call("register_replica", self.replica_id, self.url, self.max_ongoing)
         logger.info("LLMServer for %s ready at %s in %.1fs", config.model_id, self.url, time.monotonic() - started)
@@ -100,14 +101,52 @@ class LLMServer:
         return {"ongoing": float(load["in_flight"]), "queued": float(load["queued"])}
 
     async def __del__(self) -> None:
-        """On downscale or shutdown: leave the Admission pool first, so no new request is sent here."""
+        """On downscale or shutdown: take no new request, let those running here finish (for up to
+        `drain_timeout_s`), then leave the Admission pool and stop the engine. Also runs on a replica
+        stopped while still starting, which has only its server process."""
         self.leaving = True
+        if hasattr(self, "replica_id"):  # registered with Admission
+            await self._drain()
+        if hasattr(self, "process"):
+            self._stop()
+        if hasattr(self, "session"):
+            await self.session.close()
+
+    async def _drain(self) -> None:
+        deadline = time.monotonic() + self.drain_timeout_s
+        try:
+            await self.admission.call("drain_replica", self.replica_id)
+        except Exception:  # Admission is gone too (the whole app stops): the engine's own count still tells
+            logger.warning("could not tell Admission that replica %s drains", self.replica_id)
+        running = await self._running()
+        while running and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            running = await self._running()
+        if running:
+            logger.warning(
+                "stopping with %d requests unfinished after %.0fs of draining", running, self.drain_timeout_s
+            )
         try:
             await self.admission.call("deregister_replica", self.replica_id)
         except Exception:
             pass
-        self._stop()
-        await self.session.close()
+
+    async def _running(self) -> int:
+        """Requests still to finish here: the slots Admission granted on this replica (some may not have
+        reached the engine yet), or the engine's own count when that is higher or Admission is gone."""
+        try:
+            await self.check_health()
+        except Exception:  # a failed engine finishes nothing: stop it now, so the restart comes sooner
+            return 0
+        granted = 0
+        try:
+            granted = (await self.admission.call("replica_load", self.replica_id))["in_flight"]
+        except Exception:
+            pass
+        try:
+            return max(granted, await self.num_unfinished())
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            return 0
 
     def _stop(self) -> None:
         """SIGTERM lets vLLM's server stop its engine; its process group (engine core included) is killed

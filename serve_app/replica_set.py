@@ -45,9 +45,12 @@ class Replica:
     limiter: KneeLimit | None = None
     in_flight: int = 0
     live: bool = True  # False once removed: slots still held on it are returned to nobody
+    draining: bool = False  # shutting down: finishes what it runs, takes nothing new
 
     @property
     def limit(self) -> int:
+        if self.draining:
+            return 0
         return self.limiter.limit if self.limiter is not None else self.max_ongoing
 
     @property
@@ -74,8 +77,8 @@ class ReplicaSet:
 
     @property
     def capacity(self) -> int:
-        """The upper bound: every replica's max_ongoing."""
-        return sum(r.max_ongoing for r in self._replicas.values())
+        """The upper bound: every serving replica's max_ongoing (a draining one takes nothing new)."""
+        return sum(r.max_ongoing for r in self._replicas.values() if not r.draining)
 
     @property
     def limit(self) -> int:
@@ -99,6 +102,18 @@ class ReplicaSet:
         if replica is not None:
             replica.live = False
         return replica
+
+    def drain(self, replica_id: str) -> Replica | None:
+        """The replica is shutting down: no new slot goes there; those it holds come back as they finish."""
+        replica = self._replicas.get(replica_id)
+        if replica is not None:
+            replica.draining = True
+        return replica
+
+    @property
+    def serving(self) -> int:
+        """Replicas that take new requests."""
+        return sum(1 for r in self._replicas.values() if not r.draining)
 
     def get(self, replica_id: str) -> Replica | None:
         return self._replicas.get(replica_id)

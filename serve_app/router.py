@@ -39,6 +39,7 @@ logger = logging.getLogger("ray.serve")
 ENDPOINT_PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 DONE = b"data: [DONE]\n\n"
 USAGE = b'"usage":{'  # only vLLM's final usage chunk has a usage object in a stream
+ERROR_EVENT = b'data: {"error"'  # vLLM ends a stream that failed inside its server with one, then [DONE]
 COMPLETION_TOKENS = re.compile(rb'"completion_tokens":\s*(\d+)')
 # Shorter answers are mostly prefill: they would teach the adaptive limit little but noise.
 MIN_SAMPLE_TOKENS = 8
@@ -58,6 +59,7 @@ class InFlight:
     admitted: bool = False
     granted_at: float | None = None
     upstream: aiohttp.ClientResponse | None = None
+    replica_url: str | None = None  # where the upstream was sent
     body: dict[str, Any] = field(default_factory=dict, repr=False)
     first_chunk_at: float | None = None
     output_tokens: int | None = None
@@ -66,6 +68,7 @@ class InFlight:
     preempted: bool = False  # the Router closed the upstream on purpose, to run it again later
     preemptions: int = 0
     retried: bool = False  # sent again once after a replica failed before the first byte
+    error_kind: str | None = None  # the stream carried vLLM's error event
     finished: bool = False
 
     @property
@@ -97,6 +100,7 @@ class InFlight:
             e2e_s=time.monotonic() - self.arrived,
             output_tokens=self.output_tokens,
             preemptions=self.preemptions,
+            retried=self.retried,
         )
         self.on_finish(self, record)
 
@@ -120,6 +124,7 @@ class Router:
             }
         )
         self._flights: dict[str, InFlight] = {}  # admitted and not finished, by request id: for preemption
+        self._reports: set[asyncio.Future[None]] = set()
         self._models: dict[str, Any] | None = None
         self._routes: dict[tuple[str, str], Callable[[Request], Awaitable[Response]]] = {
             ("POST", "/v1/chat/completions"): lambda r: self._http_generate(r, "chat"),
@@ -324,6 +329,7 @@ class Router:
         self._flights[flight.request_id] = flight
         flight.queue_wait_s = (flight.queue_wait_s or 0.0) + grant["queue_wait_s"]
         flight.body = body
+        flight.replica_url = grant["url"]
         url = grant["url"] + ENDPOINT_PATHS[flight.endpoint]
         sent = engine_body(body, flight.priority)
         if sent.get("stream"):  # the Router counts tokens from the final usage chunk, and drops it if unasked
@@ -376,9 +382,15 @@ class Router:
                         flight.first_chunk_at = time.monotonic()
                     if USAGE in data:
                         data = self._take_usage(flight, data)
+                    if ERROR_EVENT in data:
+                        flight.error_kind = self._engine_error_event(flight, data)
                     if data.endswith(DONE):
                         yield data
-                        flight.finish("completed")  # the answer is whole even if the client hangs up now
+                        # The answer is whole (or its error told) even if the client hangs up now.
+                        if flight.error_kind is None:
+                            flight.finish("completed")
+                        else:
+                            flight.finish("error", flight.error_kind)
                         return
                     if data:
                         yield data
@@ -391,7 +403,9 @@ class Router:
             elif flight.first_chunk_at is None and not flight.retried:  # failed before a byte went out
                 logger.warning("LLM replica failed before the first byte (%s); retrying once", failure)
                 flight.retried = True
+                await self._report_failure(flight.replica_url, verify=True)  # so that the retry goes elsewhere
             else:
+                self._report_in_background(flight.replica_url)
                 break
             try:
                 upstream = await self._start_again(flight)
@@ -403,7 +417,29 @@ class Router:
         error = GatewayError(502, f"the model replica failed mid-stream: {failure}", kind="engine_error")
         yield f"data: {json.dumps(error.body())}\n\ndata: [DONE]\n\n".encode()
 
-    async def _report_failure(self, url: str, verify: bool = False) -> None:
+    def _engine_error_event(self, flight: InFlight, data: bytes) -> str:
+        """vLLM's server reported a failure inside the stream (the engine died, say): the request will end as
+        an error of the kind returned, not completed, and a 5xx makes Admission check the replica at once."""
+        start = data.find(ERROR_EVENT) + len(b"data: ")
+        event = data[start : data.find(b"\n\n", start) if b"\n\n" in data[start:] else len(data)]
+        try:
+            status = int(json.loads(event)["error"].get("code") or 500)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            status = 500
+        if status >= 500:
+            self._report_in_background(flight.replica_url)
+            return "engine_error"
+        return _error_kind(status, event)
+
+    def _report_in_background(self, url: str | None) -> None:
+        """Told at once, not at the next periodic check: a dead engine must take no more requests."""
+        report = asyncio.ensure_future(self._report_failure(url, verify=True))
+        self._reports.add(report)  # held until done: the loop keeps only weak references
+        report.add_done_callback(self._reports.discard)
+
+    async def _report_failure(self, url: str | None, verify: bool = False) -> None:
+        if url is None:
+            return
         try:
             await self.admission.call("report_failure", url, verify)
         except Exception:  # Admission restarting: its replicas re-register, and the request goes on regardless
@@ -475,8 +511,13 @@ class Router:
         await self.metrics.record.remote(records)
 
     async def __del__(self) -> None:
+        """On shutdown or downscale: stop accepting connections, let the requests already here finish (for up
+        to `drain_timeout_s`; queued ones get their slot or a 503 once the replicas drain), then close."""
         if self._server is not None:
-            self._server.should_exit = True
+            await http_server.drain(self._server, self.args.drain_timeout_s)
+        for task in self._background:
+            task.cancel()
+        await self.reporter.flush()  # the last requests' records
         await self.session.close()
 
 

@@ -44,6 +44,7 @@ class RequestRecord:
     e2e_s: float | None = None
     output_tokens: int | None = None
     preemptions: int = 0  # times it gave up its slot, before its first token, to a waiting high request
+    retried: bool = False  # sent again after its replica failed before the first byte
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -93,6 +94,7 @@ class ClassStats:
         self.errors: Counter[str] = Counter()
         self.admitted = 0
         self.preempted = 0
+        self.retried = 0
         self.histograms = {name: Histogram(buckets) for name, (_, buckets) in HISTOGRAMS.items()}
 
     def add(self, record: RequestRecord) -> None:
@@ -102,6 +104,7 @@ class ClassStats:
         if record.admitted:
             self.admitted += 1
         self.preempted += record.preemptions
+        self.retried += record.retried
         for name, value in (
             ("queue_wait_seconds", record.queue_wait_s),
             ("time_to_first_token_seconds", record.ttft_s),
@@ -128,6 +131,7 @@ class GatewayStats:
             per_priority[label] = {
                 "admitted": stats.admitted,
                 "preempted": stats.preempted,
+                "retried": stats.retried,
                 **{outcome: stats.outcomes[outcome] for outcome in OUTCOMES},
                 "errors_by_kind": dict(stats.errors),
                 **{name: hist.summary() for name, hist in stats.histograms.items()},
@@ -153,6 +157,9 @@ class GatewayStats:
         header("gateway_preempted_total", "counter", "Times a request gave up its slot before its first token")
         for label, stats in self.classes.items():
             lines.append(f'gateway_preempted_total{{priority="{label}"}} {stats.preempted}')
+        header("gateway_retried_total", "counter", "Requests sent again after a replica failed before the first byte")
+        for label, stats in self.classes.items():
+            lines.append(f'gateway_retried_total{{priority="{label}"}} {stats.retried}')
         header("gateway_errors_total", "counter", "Rejected, cancelled and failed requests by kind")
         for label, stats in self.classes.items():
             for key, count in sorted(stats.errors.items()):

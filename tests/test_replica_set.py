@@ -29,6 +29,20 @@ def test_a_removed_replica_takes_its_slots_with_it():
     assert again.in_flight == 0 and replicas.by_url("http://a2") is again and replicas.by_url("http://a") is None
 
 
+def test_a_draining_replica_takes_nothing_new_and_gets_its_slots_back():
+    replicas = ReplicaSet()
+    a = replicas.add("a", "http://a", 2)
+    b = replicas.add("b", "http://b", 2)
+    held = replicas.take()
+    assert held is a
+    replicas.drain("a")
+    assert replicas.capacity == 2 and replicas.limit == 2 and replicas.serving == 1
+    assert [replicas.take(), replicas.take(), replicas.take()] == [b, b, None], "nothing new goes to a"
+    assert a.in_flight == 1, "what a runs is still counted"
+    replicas.give_back(held)
+    assert a.in_flight == 0 and replicas.in_flight == 2
+
+
 def test_desired_replicas_counts_queued_work_and_stays_in_bounds():
     assert desired_replicas(ongoing=8, queued=0, target_per_replica=8, low=1, high=4) == 1
     assert desired_replicas(ongoing=8, queued=8, target_per_replica=8, low=1, high=4) == 2

@@ -19,6 +19,7 @@ def test_counts_and_histograms_per_priority():
             ),
             RequestRecord("low", "rejected", kind="queue_full").to_dict(),
             RequestRecord("low", "cancelled", kind="client_gone", admitted=True, queue_wait_s=1.0, e2e_s=2.0),
+            RequestRecord("medium", "completed", admitted=True, retried=True, preemptions=2).to_dict(),
         ]
     )
     summary = stats.summary()["priorities"]
@@ -28,7 +29,10 @@ def test_counts_and_histograms_per_priority():
     assert summary["low"]["rejected"] == 1 and summary["low"]["cancelled"] == 1
     assert summary["low"]["errors_by_kind"] == {"rejected:queue_full": 1, "cancelled:client_gone": 1}
     assert summary["low"]["e2e_latency_seconds"]["count"] == 0, "only completed requests count in e2e latency"
+    assert summary["medium"]["retried"] == 1 and summary["medium"]["preempted"] == 2
+    assert summary["high"]["retried"] == 0
     text = stats.prometheus()
+    assert 'gateway_retried_total{priority="medium"} 1' in text
     assert 'gateway_requests_total{priority="high",outcome="completed"} 2' in text
     assert 'gateway_e2e_latency_seconds_bucket{priority="high",le="1.0"} 1' in text
     assert 'gateway_e2e_latency_seconds_bucket{priority="high",le="+Inf"} 2' in text

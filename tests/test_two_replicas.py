@@ -1,0 +1,174 @@
+"""A second application with two LLM replicas, beside the suite's: a retry goes to the other replica,
+and a deleted application lets its running streams finish.
+
+- One replica's engine is killed; requests sent right after all complete, those that met the dead
+  engine sent once more, to the replica that lives.
+- The application is deleted while two streams are in the middle of their answers. Its Router
+  stops accepting connections, its LLM replicas take nothing new, and both streams still end
+  whole, with every token and [DONE].
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+
+import httpx
+import psutil
+import pytest
+from conftest import MODEL_ID, stats, wait_until_ready
+
+pytestmark = pytest.mark.engine
+
+PORT = 8324
+APP = "pair"
+URL = f"http://127.0.0.1:{PORT}"
+TOKENS = 400  # tens of seconds of generation on a busy CPU: still running when the app is deleted
+BODY = {
+    "model": MODEL_ID,
+    "messages": [{"role": "user", "content": "Tell me a long story."}],
+    "max_tokens": TOKENS,
+    "ignore_eos": True,
+    "stream": True,
+    "stream_options": {"include_usage": True},
+}
+
+
+@pytest.fixture(scope="module")
+def pair(gateway):
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    args = {
+        "llm": {
+            "engine_kwargs": {"max_model_len": 2048, "max_num_seqs": 4},
+            "autoscaling": {
+                "min_replicas": 2,
+                "max_replicas": 2,
+                "target_ongoing_requests": 2,
+                "max_ongoing_requests": 4,
+            },
+        },
+        "admission": {"reserved": {"high": 0}},  # every slot open to medium: 8 run at once
+        "http": {"host": "127.0.0.1", "port": PORT},
+        "metrics_flush_s": 0.2,
+        "drain_timeout_s": 300,  # this machine may generate as slowly as 6 tokens/s per stream
+    }
+    started = time.monotonic()
+    serve.run(build_app(args), name=APP, route_prefix=f"/{APP}", blocking=False)
+    wait_until_ready(URL, started)
+    while stats(URL)["router"]["replicas"] < 2:  # /health is ready with the first
+        time.sleep(1)
+    yield URL
+    if APP in serve.status().applications:
+        serve.delete(APP)
+
+
+def engine_cores_by_replica() -> list[list[psutil.Process]]:
+    """Each LLMServer replica's vLLM engine-core processes, in this app."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if f"ServeReplica:{APP}:LLMServer" in " ".join(proc.info["cmdline"] or []):
+            found.append(
+                [p for p in proc.children(recursive=True) if "EngineCore" in " ".join(p.cmdline() or [p.name()])]
+            )
+    return found
+
+
+async def one_stream(http: httpx.AsyncClient, body: dict) -> str:
+    """'complete' or 'stream error'; raises if the answer is neither whole nor a clear error, or repeats."""
+    async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200, (await response.aread())[:300]
+        events = [line[6:] async for line in response.aiter_lines() if line.startswith("data: ")]
+    assert events and events[-1] == "[DONE]", "every stream ends with [DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert len({c["id"] for c in chunks if "id" in c}) == 1, "one engine request, never a repeat"
+    if any("error" in c for c in chunks):
+        assert "error" in chunks[-1] and chunks[-1]["error"]["message"], "a clear error event comes last"
+        return "stream error"
+    assert chunks[-1]["usage"]["completion_tokens"] == body["max_tokens"]
+    return "complete"
+
+
+async def test_an_engine_killed_mid_stream_costs_only_its_own_streams(pair):
+    """8 streams run (4 per replica) and 8 wait; one engine dies. Its streams end with an error event;
+    everything else, and requests sent right after, is answered whole by the replica that lives."""
+    before = stats(pair)["priorities"]["medium"]
+    replicas = engine_cores_by_replica()
+    assert len(replicas) == 2 and all(replicas), "two replicas, each with its engine"
+    streams = {**BODY, "max_tokens": 200}
+    short = {"model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8, "ignore_eos": True}
+    async with httpx.AsyncClient(base_url=pair, timeout=httpx.Timeout(600, connect=10)) as http:
+        running = [asyncio.create_task(one_stream(http, streams)) for _ in range(16)]
+        deadline = time.monotonic() + 120
+        while (router := stats(pair)["router"])["in_flight"] < 8 or router["queued_medium"] < 8:
+            assert time.monotonic() < deadline, f"8 running and 8 queued: {router}"
+            await asyncio.sleep(0.5)
+        await asyncio.sleep(2)  # the running ones are mid-stream
+        for core in replicas[0]:
+            core.send_signal(signal.SIGKILL)
+        answers = await asyncio.gather(*(http.post("/v1/chat/completions", json=short) for _ in range(8)))
+        outcomes = await asyncio.wait_for(asyncio.gather(*running), 600)
+    tally = {o: outcomes.count(o) for o in set(outcomes)}
+    assert [a.status_code for a in answers] == [200] * 8, [a.text[:200] for a in answers if a.status_code != 200]
+    assert all(a.json()["usage"]["completion_tokens"] == 8 for a in answers)
+    after = stats(pair)
+    medium = after["priorities"]["medium"]
+    print("\nstreams:", tally, "retried:", medium["retried"] - before["retried"], medium["errors_by_kind"])
+    assert 1 <= tally.get("stream error", 0) <= 4, "only streams that had started on the dead engine fail"
+    assert tally.get("complete", 0) >= 12
+    ended = sum(medium[k] - before[k] for k in ("completed", "rejected", "cancelled", "error"))
+    assert ended == 16 + 8, "every request ended counted"
+    assert medium["error"] - before["error"] == tally.get("stream error", 0)
+    assert after["router"]["replicas"] == 1, "the dead replica is out of dispatch"
+    assert after["router"]["in_flight"] == 0 and after["router"]["queued_medium"] == 0
+
+
+async def whole_stream(http: httpx.AsyncClient, started: asyncio.Event) -> dict:
+    """Reads one stream to its end; sets `started` at its first token. Returns the usage event."""
+    events = []
+    async with http.stream("POST", "/v1/chat/completions", json=BODY) as response:
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            if line.startswith("data: "):
+                started.set()
+                events.append(line[6:])
+    assert events[-1] == "[DONE]", "the stream ended whole"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert not any("error" in c for c in chunks), chunks[-1]
+    return chunks[-1]["usage"]
+
+
+async def test_deleting_the_app_lets_running_streams_finish_then_closes_the_port(pair):
+    from ray import serve
+
+    async with httpx.AsyncClient(base_url=pair, timeout=httpx.Timeout(300, connect=10)) as http:
+        starts = [asyncio.Event(), asyncio.Event()]
+        streams = [asyncio.create_task(whole_stream(http, s)) for s in starts]
+        for started in starts:
+            await asyncio.wait_for(started.wait(), 120)
+        serve.delete(APP, _blocking=False)
+        await asyncio.wait_for(until_refused(), 120)
+        assert not any(s.done() for s in streams), "new connections were refused while the streams ran on"
+        usages = await asyncio.gather(*streams)
+    deadline = time.monotonic() + 400
+    while APP in serve.status().applications:
+        assert time.monotonic() < deadline, "the application was not deleted"
+        await asyncio.sleep(1)
+    assert [u["completion_tokens"] for u in usages] == [TOKENS, TOKENS], "every token arrived"
+
+
+async def until_refused() -> None:
+    """Until a new connection is refused: the Router has stopped accepting."""
+    while True:
+        try:
+            async with httpx.AsyncClient(timeout=5) as fresh:
+                await fresh.get(f"{URL}/health")
+        except httpx.ConnectError:
+            return
+        except httpx.TransportError:  # a connection cut as the listener closed: look again
+            pass
+        await asyncio.sleep(0.2)
