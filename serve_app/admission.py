@@ -58,6 +58,8 @@ class Slot:
     replica: Replica
     concurrency: int  # the replica's requests, this one included, when it was granted
     owner: Any = None  # whatever the caller needs to reach the holder (the actor: router and request ids)
+    tenant: str = ""
+    charged: float = 0.0  # what the tenant's fair-share counter was charged at grant
     preempt_asked_at: float | None = field(default=None)
 
 
@@ -117,21 +119,24 @@ class Admission:
             self.ahead_of(priority), self.drain_rate(), self.queue.limits[priority].max_wait_s
         )
 
-    async def acquire(self, priority: Priority, front: bool = False) -> Slot:
+    async def acquire(self, priority: Priority, front: bool = False, tenant: str = "") -> Slot:
         """Wait for a slot. Raises NotReady, Shed, QueueFull or QueueTimeout; cancellation leaves the queue at once.
-        `front`: a preempted request going back to the head of its class; it is never shed."""
+        `front`: a preempted request going back to the head of its class; it is never shed. `tenant`: whose
+        request, for fair shares within the class."""
         if self.capacity == 0:
             raise NotReady("no LLM replica is ready to serve yet")
         now = self._clock()
         # Whoever waits could not be placed, and a waiter of a higher class would have been: so a free
         # slot for this class means no one waiting should have it first.
         if (replica := self.replicas.take(priority)) is not None:
-            return self._grant(priority, now, now, replica)
+            return self._grant(priority, now, now, replica, tenant)
         if not front:
             self._shed_or_pass(priority)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Slot] = loop.create_future()
-        waiter = self.queue.push(priority, now, future, retry_after_s=self.retry_after(priority), front=front)
+        waiter = self.queue.push(
+            priority, now, future, retry_after_s=self.retry_after(priority), front=front, tenant=tenant
+        )
         self._maybe_preempt(self.queue.effective_class(waiter, now), now)
         # A hair past the bound, so the sweep never runs before the waiter is due.
         timer = loop.call_later(self.queue.limits[priority].max_wait_s + 0.001, self._expire_waiters)
@@ -145,11 +150,14 @@ class Admission:
         finally:
             timer.cancel()
 
-    def release(self, slot: Slot, per_token_s: float | None = None) -> None:
-        """`per_token_s`: the request's mean time per output token, which teaches its replica's limit."""
+    def release(self, slot: Slot, per_token_s: float | None = None, tokens: int | None = None) -> None:
+        """`per_token_s`: the request's mean time per output token, which teaches its replica's limit;
+        `tokens`: its output tokens, which its tenant's fair share is charged (None: unknown)."""
         if slot not in self.active:
             return
         self.active.discard(slot)
+        if self.queue.fairness is not None:
+            self.queue.fairness.finished(slot.tenant, slot.charged, tokens)
         replica = slot.replica
         if per_token_s is not None and replica.limiter is not None and replica.live:
             replica.limiter.observe((slot.concurrency + replica.in_flight) / 2, per_token_s)
@@ -168,9 +176,11 @@ class Admission:
             self.shed_count[priority] += 1
             raise Shed(priority, predicted, max_wait, shedding.shed_retry_after_s(predicted, max_wait))
 
-    def _grant(self, priority: Priority, enqueued_at: float, now: float, replica: Replica) -> Slot:
+    def _grant(self, priority: Priority, enqueued_at: float, now: float, replica: Replica, tenant: str) -> Slot:
         self._dispatched += 1
-        slot = Slot(priority, now - enqueued_at, now, self._dispatched, replica, replica.in_flight)
+        slot = Slot(priority, now - enqueued_at, now, self._dispatched, replica, replica.in_flight, tenant=tenant)
+        if self.queue.fairness is not None:
+            slot.charged = self.queue.fairness.granted(tenant)
         self.active.add(slot)
         return slot
 
@@ -189,7 +199,7 @@ class Admission:
             if future.done():
                 self.replicas.give_back(replica)
                 continue
-            future.set_result(self._grant(waiter.priority, waiter.enqueued_at, now, replica))
+            future.set_result(self._grant(waiter.priority, waiter.enqueued_at, now, replica, waiter.tenant))
 
     def _maybe_preempt(self, waiting: Priority, now: float) -> None:
         """One ask per high waiter that no slot is on its way to."""

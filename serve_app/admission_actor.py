@@ -28,6 +28,7 @@ from serve_app.api_keys import RateLimits
 from serve_app.concurrency_limit import KneeLimit
 from serve_app.config import NO_ACCESS_LOG, SINGLE_LOOP_ENV, AdmissionConfig, QueueConfig
 from serve_app.errors import GatewayError
+from serve_app.fairness import TenantCounters
 from serve_app.priority import Priority
 from serve_app.replica_set import ReplicaSet, Reservation
 from serve_app.request_queue import PriorityRequestQueue
@@ -47,7 +48,7 @@ def build_admission(queue: QueueConfig, config: AdmissionConfig) -> Admission:
 
     replicas = ReplicaSet(Reservation.for_classes(config.reserved.high, config.reserved.medium), limiter)
     return Admission(
-        PriorityRequestQueue(queue.limits(), queue.aging_s),
+        PriorityRequestQueue(queue.limits(), queue.aging_s, TenantCounters() if config.fair_share else None),
         replicas,
         shed=config.shed_on_predicted_wait,
         preempt_window_s=config.preempt_window_s,
@@ -98,7 +99,7 @@ class AdmissionActor:
                     retry_after_s=max(1, math.ceil(wait_s)),
                     kind="rate_limited",
                 )
-        task = asyncio.ensure_future(self.admission.acquire(prio, front=front))
+        task = asyncio.ensure_future(self.admission.acquire(prio, front=front, tenant=tenant or ""))
         self._waiting[request_id] = task
         try:
             slot = await task
@@ -130,16 +131,17 @@ class AdmissionActor:
         self._slots[request_id] = slot
         return {"url": slot.replica.url, "queue_wait_s": slot.queue_wait_s}
 
-    async def release_many(self, releases: list[tuple[str, float | None, int]]) -> None:
-        """(request id, its service time per output token or None, its output tokens) triples. Idempotent. A Router also releases a request whose client
-        left while queued, which covers the race where the grant and the cancellation cross."""
+    async def release_many(self, releases: list[tuple[str, float | None, int | None]]) -> None:
+        """(request id, its service time per output token or None, its output tokens or None) triples.
+        Idempotent. A Router also releases a request whose client left while queued, which covers the
+        race where the grant and the cancellation cross."""
         for request_id, per_token_s, tokens in releases:
             tenant = self._tenants.pop(request_id, None)
             if tenant is not None:
-                self.rates.charge_tokens(tenant, tokens, time.monotonic())
+                self.rates.charge_tokens(tenant, tokens or 0, time.monotonic())
             slot = self._slots.pop(request_id, None)
             if slot is not None:
-                self.admission.release(slot, per_token_s)
+                self.admission.release(slot, per_token_s, tokens)
                 continue
             task = self._waiting.get(request_id)
             if task is not None:
@@ -295,7 +297,7 @@ class AdmissionClient:
     def __init__(self, owner: DeploymentHandle) -> None:
         self._owner = owner
         self._keeper: Any = None
-        self._releases: list[tuple[str, float | None, int]] = []
+        self._releases: list[tuple[str, float | None, int | None]] = []
         self._releasing = False
 
     async def call(self, method: str, *args: Any) -> Any:
@@ -310,7 +312,7 @@ class AdmissionClient:
                     raise
         raise AssertionError("unreachable")
 
-    def release(self, request_id: str, per_token_s: float | None = None, tokens: int = 0) -> None:
+    def release(self, request_id: str, per_token_s: float | None = None, tokens: int | None = None) -> None:
         self._releases.append((request_id, per_token_s, tokens))
         if not self._releasing:
             self._releasing = True

@@ -58,6 +58,9 @@ class AdmissionConfig(StrictModel):
         5.0, gt=0, description="a lower request granted this recently may be preempted for high; null: never"
     )
     shed_on_predicted_wait: bool = Field(True, description="429 at arrival when the predicted wait passes max_wait_s")
+    fair_share: bool = Field(
+        True, description="within a class, the least-served tenant (API key, else `user`) goes first"
+    )
 
 
 QUEUE_AWARE_POLICY = "serve_app.autoscaling:queue_aware_policy"

@@ -1,4 +1,5 @@
-"""Three bounded FIFO queues with aging: the dispatch policy, free of Ray, HTTP and asyncio.
+"""Three bounded queues with aging, and fair shares between tenants within a class: the dispatch
+policy, free of Ray, HTTP and asyncio.
 
 Time is always passed in, so the policy can be tested without sleeping.
 """
@@ -12,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from serve_app.fairness import TenantCounters
 from serve_app.priority import Priority
 
 
@@ -29,6 +31,7 @@ class Waiter:
     enqueued_at: float
     seq: int
     payload: Any = field(default=None, repr=False)
+    tenant: str = ""  # whose request (an API key's name, or the body's `user`); "" for anonymous
 
     def waited(self, now: float) -> float:
         return now - self.enqueued_at
@@ -45,10 +48,14 @@ class PriorityRequestQueue:
     """Pops high before medium before low, but a waiter gains one class per `aging_s` waited.
 
     Aging means a low request that has waited 2 * aging_s competes as a fresh high one, so a
-    steady stream of high traffic cannot starve low forever. Within a class the order is FIFO.
+    steady stream of high traffic cannot starve low forever. Within a class, each tenant's
+    requests are FIFO; with `fairness`, the tenant with the smallest virtual token counter goes
+    first, without it the oldest request does.
     """
 
-    def __init__(self, limits: Mapping[Priority, ClassLimits], aging_s: float) -> None:
+    def __init__(
+        self, limits: Mapping[Priority, ClassLimits], aging_s: float, fairness: TenantCounters | None = None
+    ) -> None:
         if aging_s <= 0:
             raise ValueError("aging_s must be positive")
         missing = set(Priority) - set(limits)
@@ -56,30 +63,64 @@ class PriorityRequestQueue:
             raise ValueError(f"limits missing for {sorted(p.label for p in missing)}")
         self.limits = dict(limits)
         self.aging_s = aging_s
-        self._queues: dict[Priority, deque[Waiter]] = {p: deque() for p in Priority}
+        self.fairness = fairness
+        self._queues: dict[Priority, dict[str, deque[Waiter]]] = {p: {} for p in Priority}
+        self._depths = dict.fromkeys(Priority, 0)
         self._seq = itertools.count()
 
     def __len__(self) -> int:
-        return sum(len(q) for q in self._queues.values())
+        return sum(self._depths.values())
 
     def depth(self, priority: Priority) -> int:
-        return len(self._queues[priority])
+        return self._depths[priority]
 
     def push(
-        self, priority: Priority, now: float, payload: Any = None, retry_after_s: int = 1, front: bool = False
+        self,
+        priority: Priority,
+        now: float,
+        payload: Any = None,
+        retry_after_s: int = 1,
+        front: bool = False,
+        tenant: str = "",
     ) -> Waiter:
         """Raises QueueFull, carrying the caller's Retry-After estimate, when the class is at its bound.
         `front` puts a request that was already admitted once (and preempted) ahead of its class, past the bound."""
-        queue = self._queues[priority]
-        if front:
-            waiter = Waiter(priority, now, -next(self._seq), payload)
-            queue.appendleft(waiter)
-            return waiter
-        if len(queue) >= self.limits[priority].max_queue_len:
+        tenants = self._queues[priority]
+        if not front and self._depths[priority] >= self.limits[priority].max_queue_len:
             raise QueueFull(priority, retry_after_s)
-        waiter = Waiter(priority, now, next(self._seq), payload)
-        queue.append(waiter)
+        if self.fairness is not None:
+            self.fairness.arrive(tenant, tenants)
+        queue = tenants.setdefault(tenant, deque())
+        if front:
+            waiter = Waiter(priority, now, -next(self._seq), payload, tenant)
+            queue.appendleft(waiter)
+        else:
+            waiter = Waiter(priority, now, next(self._seq), payload, tenant)
+            queue.append(waiter)
+        self._depths[priority] += 1
         return waiter
+
+    def _head(self, priority: Priority) -> Waiter | None:
+        """A preempted request first; then the least-served tenant's oldest (with fairness), or the oldest."""
+        heads = [q[0] for q in self._queues[priority].values()]
+        if self.fairness is None:
+            return min(heads, key=lambda w: w.seq, default=None)
+        counter = self.fairness.counter
+        return min(heads, key=lambda w: (w.seq >= 0, counter(w.tenant), w.seq), default=None)
+
+    def _take(self, waiter: Waiter) -> bool:
+        tenants = self._queues[waiter.priority]
+        queue = tenants.get(waiter.tenant)
+        if queue is None:
+            return False
+        try:
+            queue.remove(waiter)
+        except ValueError:
+            return False
+        if not queue:
+            del tenants[waiter.tenant]
+        self._depths[waiter.priority] -= 1
+        return True
 
     def effective_rank(self, waiter: Waiter, now: float) -> float:
         return waiter.priority - waiter.waited(now) / self.aging_s
@@ -89,29 +130,27 @@ class PriorityRequestQueue:
         return Priority(max(0, math.ceil(self.effective_rank(waiter, now) - 1e-9)))
 
     def peek(self, now: float) -> Waiter | None:
-        """Only class heads compete: within a class the head has waited longest (or was preempted)."""
-        heads = [q[0] for q in self._queues.values() if q]
+        """Only class heads compete: within a class, the head is the request that should go first."""
+        heads = [h for p in Priority if (h := self._head(p)) is not None]
         return min(heads, key=lambda w: (self.effective_rank(w, now), w.seq), default=None)
 
     def pop(self, now: float) -> Waiter | None:
         best = self.peek(now)
         if best is not None:
-            self._queues[best.priority].popleft()
+            self._take(best)
         return best
 
     def remove(self, waiter: Waiter) -> bool:
         """Drop a waiter whose client went away; False if it already left the queue."""
-        try:
-            self._queues[waiter.priority].remove(waiter)
-        except ValueError:
-            return False
-        return True
+        return self._take(waiter)
 
     def pop_expired(self, now: float) -> list[Waiter]:
         """Remove and return every waiter that has waited past its class's max wait."""
         expired: list[Waiter] = []
-        for priority, queue in self._queues.items():
+        for priority, tenants in self._queues.items():
             max_wait = self.limits[priority].max_wait_s
-            while queue and queue[0].waited(now) >= max_wait:
-                expired.append(queue.popleft())
+            for queue in list(tenants.values()):
+                while queue and queue[0].waited(now) >= max_wait:
+                    expired.append(queue[0])
+                    self._take(queue[0])
         return expired

@@ -53,7 +53,7 @@ class InFlight:
     endpoint: str
     arrived: float
     on_finish: Callable[[InFlight, RequestRecord], None]
-    tenant: str | None = None  # the API key's name, when keys are on
+    tenant: str | None = None  # the API key's name, or the body's `user`: for fair shares and rate limits
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     queue_wait_s: float | None = None
     admitted: bool = False
@@ -195,11 +195,9 @@ class Router:
             _roles_or_400(body)
         priority = _priority_or_400(request.headers.get(PRIORITY_HEADER), body)
         key: KeyPolicy | None = getattr(request.state, "key", None)
-        tenant = None
         if key is not None:  # a class above the key's highest is capped, and X-Priority says which it got
             priority = key.cap(priority)
-            tenant = key.name if key.requests_per_s or key.output_tokens_per_min else None
-        flight = InFlight(priority, endpoint, arrived, self._on_finish, tenant)
+        flight = InFlight(priority, endpoint, arrived, self._on_finish, _tenant(key, body))
         try:
             upstream = await http_server.unless_disconnected(request.receive, self._dispatch(flight, body))
         except http_server.ClientGone:
@@ -277,7 +275,7 @@ class Router:
             raise GatewayError(400, "the request body must be a JSON object")
         if endpoint == "chat":
             _roles_or_400(body)
-        flight = InFlight(_priority_or_400(priority, body), endpoint, arrived, self._on_finish)
+        flight = InFlight(_priority_or_400(priority, body), endpoint, arrived, self._on_finish, _tenant(None, body))
         try:
             upstream = await self._dispatch(flight, body)
         except asyncio.CancelledError:
@@ -504,7 +502,7 @@ class Router:
         if flight.admitted:
             self._flights.pop(flight.request_id, None)
             per_token_s = flight.per_token_s if record.outcome == "completed" else None
-            self.admission.release(flight.request_id, per_token_s, flight.output_tokens or 0)
+            self.admission.release(flight.request_id, per_token_s, flight.output_tokens)
         self.reporter.add(record)
 
     async def _send_records(self, records: list[dict[str, Any]]) -> None:
@@ -558,6 +556,15 @@ async def _json_body(request: Request, limit: int) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise GatewayError(400, "the request body must be a JSON object")
     return body
+
+
+def _tenant(key: KeyPolicy | None, body: dict[str, Any]) -> str | None:
+    """Whose request, for fair shares within a class and a key's rate limits: the API key's name when
+    keys are on (a client cannot claim another's), else OpenAI's `user` field when given."""
+    if key is not None:
+        return key.name
+    user = body.get("user")
+    return f"user:{user}"[:200] if isinstance(user, str) and user else None
 
 
 def _roles_or_400(body: dict[str, Any]) -> None:

@@ -40,9 +40,9 @@ def queued(base_url: str) -> dict[str, int]:
     return {p: router[f"queued_{p}"] for p in ("high", "medium", "low")}
 
 
-async def first_chunk_time(http: httpx.AsyncClient, priority: str) -> float:
+async def first_chunk_time(http: httpx.AsyncClient, priority: str, body: dict = SHORT) -> float:
     started = None
-    async with http.stream("POST", "/v1/chat/completions", json=SHORT, headers={"X-Priority": priority}) as response:
+    async with http.stream("POST", "/v1/chat/completions", json=body, headers={"X-Priority": priority}) as response:
         assert response.status_code == 200
         async for line in response.aiter_lines():
             if started is None and line.startswith("data: "):
@@ -69,6 +69,22 @@ async def test_high_starts_before_queued_lows(gateway):
         low_started = await asyncio.gather(*lows)
     assert high_started < min(low_started), "the high request must start before every queued low one"
     assert low_started == sorted(low_started), "lows are served first in, first out"
+
+
+async def test_within_a_class_a_light_tenant_is_not_stuck_behind_a_heavy_ones_backlog(gateway):
+    """Four requests of user 'heavy' queue, then two of user 'light': fair shares interleave them."""
+    async with httpx.AsyncClient(base_url=gateway, timeout=120) as http:
+        async with slot_holder(http):
+            waiting = {}
+            for count, name in enumerate(["heavy0", "heavy1", "heavy2", "heavy3", "light0", "light1"], start=1):
+                body = {**SHORT, "user": f"fairness-{name[:5]}"}
+                waiting[name] = asyncio.create_task(first_chunk_time(http, "medium", body))
+                await until(lambda n=count: queued(gateway)["medium"] == n)
+        started = dict(zip(waiting, await asyncio.gather(*waiting.values()), strict=True))
+    order = sorted(started, key=started.get)
+    print("\norder served:", order)
+    assert max(started["light0"], started["light1"]) < min(started["heavy2"], started["heavy3"])
+    assert [n for n in order if n.startswith("heavy")] == ["heavy0", "heavy1", "heavy2", "heavy3"], "FIFO per tenant"
 
 
 async def test_full_queue_answers_429_with_retry_after(gateway):
