@@ -183,12 +183,15 @@ class AdmissionActor:
 
     async def drain_replica(self, replica_id: str) -> int:
         """The replica is stopping: no new request goes there. Returns how many it still runs; it leaves
-        (`deregister_replica`) once they are done, so their releases still count."""
+        (`deregister_replica`) once they are done, so their releases still count. Idempotent."""
+        known = self.admission.replicas.get(replica_id)
+        was_draining = known is not None and known.draining
         replica = self.admission.replicas.drain(replica_id)
         if replica is None:
             return 0
-        logger.info("replica %s drains %d requests", replica_id, replica.in_flight)
-        self.admission.replicas_changed()
+        if not was_draining:  # the replica asks again while it waits: only the first ask changes anything
+            logger.info("replica %s drains %d requests", replica_id, replica.in_flight)
+            self.admission.replicas_changed()
         return replica.in_flight
 
     async def deregister_replica(self, replica_id: str) -> None:
@@ -299,6 +302,7 @@ class AdmissionClient:
         self._keeper: Any = None
         self._releases: list[tuple[str, float | None, int | None]] = []
         self._releasing = False
+        self._sender: asyncio.Future[None] | None = None
 
     async def call(self, method: str, *args: Any) -> Any:
         for attempt in (1, 2):
@@ -316,7 +320,7 @@ class AdmissionClient:
         self._releases.append((request_id, per_token_s, tokens))
         if not self._releasing:
             self._releasing = True
-            asyncio.ensure_future(self._send_releases())
+            self._sender = asyncio.ensure_future(self._send_releases())  # held: the loop keeps weak references
 
     async def _send_releases(self) -> None:
         try:

@@ -105,43 +105,44 @@ class LLMServer:
         `drain_timeout_s`), then leave the Admission pool and stop the engine. Also runs on a replica
         stopped while still starting, which has only its server process."""
         self.leaving = True
-        if hasattr(self, "replica_id"):  # registered with Admission
-            await self._drain()
-        if hasattr(self, "process"):
-            self._stop()
-        if hasattr(self, "session"):
-            await self.session.close()
+        try:
+            if hasattr(self, "replica_id"):  # registered with Admission
+                await self._drain()
+        finally:
+            if hasattr(self, "process"):
+                self._stop()
+            if hasattr(self, "session"):
+                await self.session.close()
 
     async def _drain(self) -> None:
         deadline = time.monotonic() + self.drain_timeout_s
-        try:
-            await self.admission.call("drain_replica", self.replica_id)
-        except Exception:  # Admission is gone too (the whole app stops): the engine's own count still tells
-            logger.warning("could not tell Admission that replica %s drains", self.replica_id)
-        running = await self._running()
+        running = 1
         while running and time.monotonic() < deadline:
-            await asyncio.sleep(0.2)
-            running = await self._running()
+            try:
+                running = await asyncio.wait_for(self._running(), timeout=5)
+            except asyncio.TimeoutError:
+                running = 1
+            if running:
+                await asyncio.sleep(0.2)
         if running:
-            logger.warning(
-                "stopping with %d requests unfinished after %.0fs of draining", running, self.drain_timeout_s
-            )
+            logger.warning("stopping with requests unfinished after %.0fs of draining", self.drain_timeout_s)
         try:
-            await self.admission.call("deregister_replica", self.replica_id)
+            await asyncio.wait_for(self.admission.call("deregister_replica", self.replica_id), timeout=5)
         except Exception:
             pass
 
     async def _running(self) -> int:
         """Requests still to finish here: the slots Admission granted on this replica (some may not have
-        reached the engine yet), or the engine's own count when that is higher or Admission is gone."""
+        reached the engine yet), or the engine's own count when that is higher or Admission is gone.
+        Asks Admission to drain it each time: a health check in flight may have registered it again."""
         try:
             await self.check_health()
         except Exception:  # a failed engine finishes nothing: stop it now, so the restart comes sooner
             return 0
         granted = 0
         try:
-            granted = (await self.admission.call("replica_load", self.replica_id))["in_flight"]
-        except Exception:
+            granted = await self.admission.call("drain_replica", self.replica_id)
+        except Exception:  # Admission is gone too (the whole app stops): the engine's own count still tells
             pass
         try:
             return max(granted, await self.num_unfinished())

@@ -32,9 +32,12 @@ class MetricsReporter:
             batch, self._pending = self._pending, []
             try:
                 await self._send(batch)
-            except Exception:  # metrics must never take the router down; keep the batch for the next try
-                logger.exception("sending %d request records to the metrics actor failed", len(batch))
+            except BaseException as exc:  # keep the batch for the next try, cancelled or failed
                 self._pending = batch + self._pending
+                if not isinstance(exc, Exception):
+                    raise
+                # metrics must never take the router down
+                logger.exception("sending %d request records to the metrics actor failed", len(batch))
 
     async def run(self) -> None:
         while True:

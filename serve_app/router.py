@@ -146,6 +146,7 @@ class Router:
         if args.admission.preempt_window_s is not None:
             self._background.append(asyncio.ensure_future(self._answer_preemptions()))
         self._server = None
+        self._closing = False  # past the drain timeout: what is still running is cut, not retried
         if args.http.port:
             sock = http_server.bind(args.http.host, args.http.port)
             self._server = await http_server.start(self, sock)
@@ -218,6 +219,9 @@ class Router:
         try:
             payload = await upstream.read()
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            if self._closing:
+                flight.finish("error", "shutdown")
+                raise GatewayError(503, "the gateway shut down before the answer was complete") from exc
             flight.finish("error", "engine_error")
             raise GatewayError(502, f"the model replica failed while answering: {type(exc).__name__}") from exc
         if upstream.status >= 400:
@@ -376,12 +380,16 @@ class Router:
         while True:
             try:
                 async for data in upstream.content.iter_any():
-                    if flight.first_chunk_at is None:
-                        flight.first_chunk_at = time.monotonic()
                     if USAGE in data:
                         data = self._take_usage(flight, data)
                     if ERROR_EVENT in data:
-                        flight.error_kind = self._engine_error_event(flight, data)
+                        kind = self._engine_error_event(flight, data)
+                        if flight.first_chunk_at is None and kind == "engine_error" and not flight.retried:
+                            failure = "an error event before the first byte"  # the client saw nothing: retry
+                            break
+                        flight.error_kind = kind
+                    if flight.first_chunk_at is None:
+                        flight.first_chunk_at = time.monotonic()
                     if data.endswith(DONE):
                         yield data
                         # The answer is whole (or its error told) even if the client hangs up now.
@@ -392,9 +400,12 @@ class Router:
                         return
                     if data:
                         yield data
-                failure = "the stream ended before [DONE]"
+                else:
+                    failure = "the stream ended before [DONE]"
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 failure = type(exc).__name__
+            if self._closing:  # cut by the Router's own shutdown, past its drain timeout
+                break
             if flight.preempted:
                 flight.preempted = False
                 flight.preemptions += 1
@@ -410,9 +421,12 @@ class Router:
             except GatewayError as exc:  # the finish is counted; the client learns why in the stream
                 yield f"data: {json.dumps(exc.body())}\n\ndata: [DONE]\n\n".encode()
                 return
-        logger.warning("LLM replica failed mid-stream: %s", failure)
-        flight.finish("error", "engine_error")
-        error = GatewayError(502, f"the model replica failed mid-stream: {failure}", kind="engine_error")
+        if self._closing:
+            error = GatewayError(503, "the gateway shut down before the answer was complete", kind="shutdown")
+        else:
+            logger.warning("LLM replica failed mid-stream: %s", failure)
+            error = GatewayError(502, f"the model replica failed mid-stream: {failure}", kind="engine_error")
+        flight.finish("error", error.kind)
         yield f"data: {json.dumps(error.body())}\n\ndata: [DONE]\n\n".encode()
 
     def _engine_error_event(self, flight: InFlight, data: bytes) -> str:
@@ -448,6 +462,8 @@ class Router:
         self._flights.pop(flight.request_id, None)
         self.admission.release(flight.request_id)
         flight.request_id = uuid.uuid4().hex
+        if flight.upstream is not None:
+            flight.upstream.close()  # a no-op when it already broke
         flight.upstream = None
 
     async def _start_again(self, flight: InFlight) -> aiohttp.ClientResponse:
@@ -513,6 +529,13 @@ class Router:
         to `drain_timeout_s`; queued ones get their slot or a 503 once the replicas drain), then close."""
         if self._server is not None:
             await http_server.drain(self._server, self.args.drain_timeout_s)
+        self._closing = True
+        for flight in list(self._flights.values()):  # past the timeout: end each with an error, counted
+            if flight.upstream is not None:
+                flight.upstream.close()
+        deadline = time.monotonic() + 5
+        while self._flights and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         for task in self._background:
             task.cancel()
         await self.reporter.flush()  # the last requests' records
