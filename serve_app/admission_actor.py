@@ -184,12 +184,11 @@ class AdmissionActor:
     async def drain_replica(self, replica_id: str) -> int:
         """The replica is stopping: no new request goes there. Returns how many it still runs; it leaves
         (`deregister_replica`) once they are done, so their releases still count. Idempotent."""
-        known = self.admission.replicas.get(replica_id)
-        was_draining = known is not None and known.draining
-        replica = self.admission.replicas.drain(replica_id)
+        replica = self.admission.replicas.get(replica_id)
         if replica is None:
             return 0
-        if not was_draining:  # the replica asks again while it waits: only the first ask changes anything
+        if not replica.draining:  # the replica asks again while it waits: only the first ask changes anything
+            self.admission.replicas.drain(replica_id)
             logger.info("replica %s drains %d requests", replica_id, replica.in_flight)
             self.admission.replicas_changed()
         return replica.in_flight

@@ -77,6 +77,8 @@ SINGLE_LOOP_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 NO_ACCESS_LOG = {"enable_access_log": False}
 
 
+# How long requests in flight may take to finish on shutdown or downscale, unless the config says.
+DEFAULT_DRAIN_TIMEOUT_S = 60.0
 # Past the drain: time to stop vLLM's server (llm_server.STOP_TIMEOUT_S) and leave, before Ray Serve kills.
 SHUTDOWN_MARGIN_S = 30
 
@@ -142,7 +144,7 @@ class LLMConfig(StrictModel):
             raise ValueError("tensor_parallel_size > 1 needs accelerator: gpu")
         return self
 
-    def deployment_options(self, drain_timeout_s: float = 60.0) -> dict[str, Any]:
+    def deployment_options(self, drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S) -> dict[str, Any]:
         """One GPU per replica; with tensor parallelism, `tensor_parallel_size` GPUs of one node, which
         vLLM's server (a child process of the replica) drives with its own multiprocessing workers."""
         env = dict(SINGLE_LOOP_ENV)
@@ -214,7 +216,9 @@ class AppArgs(StrictModel):
     http: HttpConfig = HttpConfig()
     router: RouterConfig = RouterConfig()
     drain_timeout_s: float = Field(
-        60.0, ge=0, description="on shutdown or downscale: how long requests in flight may take to finish"
+        DEFAULT_DRAIN_TIMEOUT_S,
+        ge=0,
+        description="on shutdown or downscale: how long requests in flight may take to finish",
     )
     replica_check_s: float = Field(2.0, gt=0, description="how often Admission checks that each replica answers")
     metrics_flush_s: float = Field(0.5, gt=0, description="how often the router sends finished requests to metrics")

@@ -43,7 +43,7 @@ class EngineExited(RuntimeError):
 
 
 class LLMServer:
-    async def __init__(self, config: LLMConfig, admission: DeploymentHandle, drain_timeout_s: float = 60.0) -> None:
+    async def __init__(self, config: LLMConfig, admission: DeploymentHandle, drain_timeout_s: float) -> None:
         vllm_compat.check_version()
         started = time.monotonic()
         model_path = resolve_model_source(config.model_source)

@@ -383,10 +383,12 @@ class Router:
                     if USAGE in data:
                         data = self._take_usage(flight, data)
                     if ERROR_EVENT in data:
-                        kind = self._engine_error_event(flight, data)
-                        if flight.first_chunk_at is None and kind == "engine_error" and not flight.retried:
-                            failure = "an error event before the first byte"  # the client saw nothing: retry
-                            break
+                        kind = _engine_error_kind(data)
+                        if kind == "engine_error":
+                            if flight.first_chunk_at is None and not flight.retried:
+                                failure = "an error event before the first byte"  # the client saw nothing: retry
+                                break
+                            self._report_in_background(flight.replica_url)
                         flight.error_kind = kind
                     if flight.first_chunk_at is None:
                         flight.first_chunk_at = time.monotonic()
@@ -428,20 +430,6 @@ class Router:
             error = GatewayError(502, f"the model replica failed mid-stream: {failure}", kind="engine_error")
         flight.finish("error", error.kind)
         yield f"data: {json.dumps(error.body())}\n\ndata: [DONE]\n\n".encode()
-
-    def _engine_error_event(self, flight: InFlight, data: bytes) -> str:
-        """vLLM's server reported a failure inside the stream (the engine died, say): the request will end as
-        an error of the kind returned, not completed, and a 5xx makes Admission check the replica at once."""
-        start = data.find(ERROR_EVENT) + len(b"data: ")
-        event = data[start : data.find(b"\n\n", start) if b"\n\n" in data[start:] else len(data)]
-        try:
-            status = int(json.loads(event)["error"].get("code") or 500)
-        except (ValueError, KeyError, TypeError, AttributeError):
-            status = 500
-        if status >= 500:
-            self._report_in_background(flight.replica_url)
-            return "engine_error"
-        return _error_kind(status, event)
 
     def _report_in_background(self, url: str | None) -> None:
         """Told at once, not at the next periodic check: a dead engine must take no more requests."""
@@ -579,6 +567,19 @@ async def _json_body(request: Request, limit: int) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise GatewayError(400, "the request body must be a JSON object")
     return body
+
+
+def _engine_error_kind(data: bytes) -> str:
+    """The kind of the error event vLLM's server wrote into a stream: `engine_error` for a 5xx (the engine
+    died, say), which makes the Router have the replica checked at once; else what the event says."""
+    start = data.find(ERROR_EVENT) + len(b"data: ")
+    end = data.find(b"\n\n", start)
+    event = data[start : end if end >= 0 else len(data)]
+    try:
+        status = int(json.loads(event)["error"].get("code") or 500)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        status = 500
+    return "engine_error" if status >= 500 else _error_kind(status, event)
 
 
 def _tenant(key: KeyPolicy | None, body: dict[str, Any]) -> str | None:
