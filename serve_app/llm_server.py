@@ -27,7 +27,7 @@ import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from serve_app import vllm_compat
+from serve_app import process_priority, vllm_compat
 from serve_app.admission_actor import AdmissionClient
 from serve_app.config import NO_ACCESS_LOG, LLMConfig
 from serve_app.engine_args import parse_serve_args, serve_argv
@@ -45,6 +45,7 @@ class EngineExited(RuntimeError):
 class LLMServer:
     async def __init__(self, config: LLMConfig, admission: DeploymentHandle, drain_timeout_s: float) -> None:
         vllm_compat.check_version()
+        process_priority.restore_for_process("LLMServer")  # warns if its vLLM server cannot run at nice 0
         started = time.monotonic()
         model_path = resolve_model_source(config.model_source)
         options = config.engine_options()
@@ -119,9 +120,9 @@ class LLMServer:
         running = 1
         while running and time.monotonic() < deadline:
             try:
-                running = await asyncio.wait_for(self._running(), timeout=5)
-            except asyncio.TimeoutError:
-                running = 1
+                running = await asyncio.wait_for(self._running(), timeout=15)
+            except asyncio.TimeoutError:  # the engine does not answer: it finishes nothing more
+                running = 0
             if running:
                 await asyncio.sleep(0.2)
         if running:
@@ -140,9 +141,9 @@ class LLMServer:
         except Exception:  # a failed engine finishes nothing: stop it now, so the restart comes sooner
             return 0
         granted = 0
-        try:
-            granted = await self.admission.call("drain_replica", self.replica_id)
-        except Exception:  # Admission is gone too (the whole app stops): the engine's own count still tells
+        try:  # bounded: when the whole app stops, Admission may be stopping too and never answer
+            granted = await asyncio.wait_for(self.admission.call("drain_replica", self.replica_id), timeout=2)
+        except Exception:  # Admission is gone too: the engine's own count still tells
             pass
         try:
             return max(granted, await self.num_unfinished())
@@ -189,7 +190,9 @@ def _free_port(host: str) -> int:
 def _die_with_parent() -> None:
     """Runs in the child before exec: SIGTERM it when the replica process dies, however it dies. A SIGTERM,
     not a SIGKILL: vLLM's server then stops its engine-core process, which a SIGKILL would leave orphaned
-    and holding the GPU (seen on CPU). Its own process group lets `_stop` kill server and engine together."""
+    and holding the GPU (seen on CPU). Its own process group lets `_stop` kill server and engine together.
+    It runs at nice 0, as bare vLLM does, where it may (`process_priority`)."""
+    process_priority.restore_in_child()
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:

@@ -24,7 +24,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from serve_app import http_server
+from serve_app import http_server, process_priority
 from serve_app.admission_actor import NOT_READY_RETRY_S, AdmissionClient
 from serve_app.api_keys import KeyPolicy, KeyRing, bearer
 from serve_app.config import NO_ACCESS_LOG, SINGLE_LOOP_ENV, AppArgs
@@ -109,6 +109,7 @@ class Router:
     async def __init__(
         self, admission: DeploymentHandle, llm: DeploymentHandle, metrics: DeploymentHandle, args: AppArgs
     ) -> None:
+        process_priority.restore_for_process("Router")
         self.admission = AdmissionClient(admission)
         self.llm = llm
         self.metrics = metrics
@@ -363,7 +364,7 @@ class Router:
         if flight.upstream.status >= 500 and not flight.retried:  # the engine failed; nothing was sent yet
             logger.warning("LLM replica at %s answered %d; retrying once", grant["url"], flight.upstream.status)
             flight.upstream.close()
-            await self._report_failure(grant["url"], verify=True)  # a dead engine takes no more
+            await self._report_failure(grant["url"])  # a dead engine takes no more
             return await self._dispatch_again(flight, body)
         return flight.upstream
 
@@ -414,7 +415,7 @@ class Router:
             elif flight.first_chunk_at is None and not flight.retried:  # failed before a byte went out
                 logger.warning("LLM replica failed before the first byte (%s); retrying once", failure)
                 flight.retried = True
-                await self._report_failure(flight.replica_url, verify=True)  # so that the retry goes elsewhere
+                await self._report_failure(flight.replica_url)  # so that the retry goes elsewhere
             else:
                 self._report_in_background(flight.replica_url)
                 break
@@ -433,15 +434,15 @@ class Router:
 
     def _report_in_background(self, url: str | None) -> None:
         """Told at once, not at the next periodic check: a dead engine must take no more requests."""
-        report = asyncio.ensure_future(self._report_failure(url, verify=True))
+        report = asyncio.ensure_future(self._report_failure(url))
         self._reports.add(report)  # held until done: the loop keeps only weak references
         report.add_done_callback(self._reports.discard)
 
-    async def _report_failure(self, url: str | None, verify: bool = False) -> None:
+    async def _report_failure(self, url: str | None) -> None:
         if url is None:
             return
         try:
-            await self.admission.call("report_failure", url, verify)
+            await self.admission.call("report_failure", url)
         except Exception:  # Admission restarting: its replicas re-register, and the request goes on regardless
             logger.exception("reporting the failure of %s failed", url)
 

@@ -1,0 +1,42 @@
+"""A Router's report of a failed replica takes it out of dispatch only if it also fails a health check."""
+
+from __future__ import annotations
+
+import socket
+
+from aiohttp import web
+
+from serve_app.admission_actor import AdmissionActor
+from serve_app.config import QueueConfig
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def _health_server(port: int) -> web.AppRunner:
+    app = web.Application()
+    app.router.add_get("/health", lambda request: web.Response(text="ok"))
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner
+
+
+async def test_one_failed_connection_keeps_a_healthy_replica_and_a_dead_one_leaves():
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = await _health_server(port)
+    actor = AdmissionActor(QueueConfig(), replica_check_s=3600)  # no periodic check during the test
+    await actor.register_replica("r1", url, 4)
+    try:
+        await actor.report_failure(url)  # a reset connection under load, say: the replica still answers
+        assert (await actor.state())["replicas"] == 1
+        await server.cleanup()
+        await actor.report_failure(url)  # now it is gone for real
+        assert (await actor.state())["replicas"] == 0
+    finally:
+        actor._checker.cancel()
+        await server.cleanup()
