@@ -222,7 +222,7 @@ class Router:
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             if self._closing:
                 flight.finish("error", "shutdown")
-                raise GatewayError(503, "the gateway shut down before the answer was complete") from exc
+                raise _shut_down() from exc
             flight.finish("error", "engine_error")
             raise GatewayError(502, f"the model replica failed while answering: {type(exc).__name__}") from exc
         if upstream.status >= 400:
@@ -425,7 +425,7 @@ class Router:
                 yield f"data: {json.dumps(exc.body())}\n\ndata: [DONE]\n\n".encode()
                 return
         if self._closing:
-            error = GatewayError(503, "the gateway shut down before the answer was complete", kind="shutdown")
+            error = _shut_down()
         else:
             logger.warning("LLM replica failed mid-stream: %s", failure)
             error = GatewayError(502, f"the model replica failed mid-stream: {failure}", kind="engine_error")
@@ -568,6 +568,11 @@ async def _json_body(request: Request, limit: int) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise GatewayError(400, "the request body must be a JSON object")
     return body
+
+
+def _shut_down() -> GatewayError:
+    """For an answer still running when the Router stops past its drain timeout."""
+    return GatewayError(503, "the gateway shut down before the answer was complete", kind="shutdown")
 
 
 def _engine_error_kind(data: bytes) -> str:

@@ -2,33 +2,25 @@
 
 from __future__ import annotations
 
-import socket
-
 from aiohttp import web
 
 from serve_app.admission_actor import AdmissionActor
 from serve_app.config import QueueConfig
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-async def _health_server(port: int) -> web.AppRunner:
+async def _health_server() -> tuple[web.AppRunner, str]:
+    """A replica that answers /health, on a port the kernel picks; and its URL."""
     app = web.Application()
     app.router.add_get("/health", lambda request: web.Response(text="ok"))
     runner = web.AppRunner(app)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    return runner
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    host, port = runner.addresses[0][:2]
+    return runner, f"http://{host}:{port}"
 
 
 async def test_one_failed_connection_keeps_a_healthy_replica_and_a_dead_one_leaves():
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = await _health_server(port)
+    server, url = await _health_server()
     actor = AdmissionActor(QueueConfig(), replica_check_s=3600)  # no periodic check during the test
     await actor.register_replica("r1", url, 4)
     try:
