@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import subprocess
@@ -133,8 +134,10 @@ def test_sync_pool_too_small_for_the_rate_is_flagged_client_bound(fake_server):
     s = summarize(run.results, run.duration_s, {})
     assert s["client_bound"] is True
     assert s["e2el_from_intended_ms"]["p99"] > s["e2el_ms"]["p99"] + 500
-    fast = run_step(Target(fake_server, "fake-model"), "async", specs, arrivals=arrivals)
-    assert summarize(fast.results, fast.duration_s, {})["client_bound"] is False
+    # The same answers sent on schedule are not flagged. Built, not timed: whether a live client keeps a
+    # schedule depends on how busy the shared machine is (an async run here once lagged past the bound).
+    on_time = [dataclasses.replace(r, sent_at=r.intended_at) for r in run.results]
+    assert summarize(on_time, run.duration_s, {})["client_bound"] is False
 
 
 def test_failures_are_counted_by_kind(fake_server, tmp_path):
