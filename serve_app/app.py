@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ray.serve import Application
+from ray.serve import Application, Deployment
 
 from serve_app.admission_actor import AdmissionDeployment
 from serve_app.config import AppArgs, shutdown_timeout_s
@@ -13,9 +13,12 @@ from serve_app.metrics_actor import MetricsDeployment
 from serve_app.router import RouterDeployment
 
 
-def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
+def build_app(
+    args: AppArgs | dict[str, Any] | None = None, *, llm_deployment: Deployment = LLMDeployment
+) -> Application:
     """Routers -> LLMServer replicas; the Admission deployment shares queues and slots between Routers, and
-    the Metrics deployment collects every finished request."""
+    the Metrics deployment collects every finished request. `llm_deployment` lets a benchmark harness put
+    another OpenAI server behind the same graph (scripts/relay_ceiling.py)."""
     if not isinstance(args, AppArgs):
         args = AppArgs.model_validate(args or {})
     if args.auth.key_file:  # read once, here; the Routers get the keys themselves
@@ -24,7 +27,7 @@ def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
     admission = AdmissionDeployment.options(**drain).bind(
         args.drain_timeout_s, args.queue, args.admission, args.replica_check_s, args.auth.rate_limits()
     )
-    llm = LLMDeployment.options(**args.llm.deployment_options(args.drain_timeout_s))
+    llm = llm_deployment.options(**args.llm.deployment_options(args.drain_timeout_s))
     llm = llm.bind(args.llm, admission, args.drain_timeout_s)
     metrics = MetricsDeployment.bind(args.otel_exporter)
     router = RouterDeployment.options(num_replicas=args.router.num_replicas, **drain)

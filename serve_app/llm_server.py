@@ -44,17 +44,13 @@ class EngineExited(RuntimeError):
 
 class LLMServer:
     async def __init__(self, config: LLMConfig, admission: DeploymentHandle, drain_timeout_s: float) -> None:
-        vllm_compat.check_version()
         process_priority.restore_for_process("LLMServer")  # warns if its vLLM server cannot run at nice 0
         started = time.monotonic()
-        model_path = resolve_model_source(config.model_source)
-        options = config.engine_options()
-        parse_serve_args(model_path, config.model_id, options)  # a bad option fails here, with vLLM's message
         host = ray.util.get_node_ip_address()
         port = _free_port(host)
         self.url = f"http://{host}:{port}"
-        argv = vllm_compat.server_command() + serve_argv(model_path, config.model_id, options, host, port)
-        logger.info("starting vLLM's server: %s", " ".join(argv))
+        argv = self.server_command(config, host, port)
+        logger.info("starting the engine's server: %s", " ".join(argv))
         self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
         try:
@@ -70,6 +66,15 @@ class LLMServer:
         self.leaving = False
         await self.admission.call("register_replica", self.replica_id, self.url, self.max_ongoing)
         logger.info("LLMServer for %s ready at %s in %.1fs", config.model_id, self.url, time.monotonic() - started)
+
+    def server_command(self, config: LLMConfig, host: str, port: int) -> list[str]:
+        """`vllm serve` for this replica, checked first: a bad option or an unsupported vLLM fails here, with
+        vLLM's own message. A benchmark harness may start another OpenAI server here (scripts/relay_ceiling.py)."""
+        vllm_compat.check_version()
+        model_path = resolve_model_source(config.model_source)
+        options = config.engine_options()
+        parse_serve_args(model_path, config.model_id, options)
+        return vllm_compat.server_command() + serve_argv(model_path, config.model_id, options, host, port)
 
     async def _wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

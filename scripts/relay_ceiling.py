@@ -1,0 +1,240 @@
+"""The relay's ceiling without a GPU: the real gateway (Routers, Admission, Metrics) in front of an engine
+double, run side by side with the same double alone, as bare vLLM is in the GPU runs.
+
+The double (`scripts/fake_engine.py`) streams at a set step time for every running request, so the engine is
+never what limits, and costs a fraction of a real server's CPU. What the gateway adds is then measured
+directly: throughput and TTFT against the double alone, and the CPU seconds its Routers and Admission spend
+per request and per token, from which the tokens per second one Router core can relay follow. CPU time,
+unlike wall time, holds up on a noisy shared machine.
+
+    .venv/bin/python scripts/relay_ceiling.py --concurrency 1,32,128 --out docs/bench/relay-ceiling
+
+The harness deploys the product's graph (`serve_app.app.build_app`) with one change: the LLM replica
+starts the double instead of `vllm serve`. Nothing here is part of the product.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import ray
+from ray import serve
+
+from serve_app.app import build_app
+from serve_app.bench.load import Target, run_step
+from serve_app.bench.metrics import summarize
+from serve_app.bench.workload import build_requests, load_prompts
+from serve_app.config import LLMConfig
+from serve_app.llm_server import LLMServer
+
+ENGINE = Path(__file__).with_name("fake_engine.py")
+ENGINE_ARGS_ENV = "RELAY_CEILING_ENGINE_ARGS"
+MODEL = "fake-model"
+
+
+class FakeEngineReplica(LLMServer):
+    """The product's LLM replica (registration, health, drain, stop), starting the double as its server."""
+
+    def server_command(self, config: LLMConfig, host: str, port: int) -> list[str]:
+        extra = json.loads(os.environ.get(ENGINE_ARGS_ENV, "[]"))
+        return [sys.executable, str(ENGINE), "--host", host, "--port", str(port), "--model", config.model_id, *extra]
+
+
+def engine_flags(args: argparse.Namespace) -> list[str]:
+    return [
+        "--step-ms",
+        str(args.step_ms),
+        "--prefill-ms",
+        str(args.prefill_ms),
+        "--stream-interval",
+        str(args.stream_interval),
+    ]
+
+
+def processes(match: str) -> list[psutil.Process]:
+    """This harness's own processes (its Ray cluster is its child) whose command line has `match`."""
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if match in " ".join(proc.cmdline()):
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
+
+
+def cpu_seconds(procs: list[psutil.Process]) -> float:
+    total = 0.0
+    for proc in procs:
+        try:
+            times = proc.cpu_times()
+            total += times.user + times.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def wait_ready(url: str, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not become ready in {timeout_s:.0f}s")
+
+
+def one_step(target: Target, concurrency: int, count: int, max_tokens: int, seed: int) -> tuple[dict, float]:
+    specs = build_requests(count, load_prompts(None), max_tokens, {}, seed)
+    run = run_step(target, "async", specs, concurrency=concurrency)
+    summary = summarize(run.results, run.duration_s, {})
+    summary["client_cpu_s"] = run.client_cpu_s
+    return summary, run.duration_s
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--concurrency", default="1,32,128")
+    p.add_argument("--requests-per-client", type=int, default=4)
+    p.add_argument("--min-requests", type=int, default=24)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=2, help="direct, gateway, direct, gateway, ... per concurrency")
+    p.add_argument("--routers", type=int, default=2)
+    p.add_argument("--slots", type=int, default=256, help="the replica's max_ongoing_requests")
+    p.add_argument("--step-ms", type=float, default=10.0)
+    p.add_argument("--prefill-ms", type=float, default=0.0)
+    p.add_argument("--stream-interval", type=int, default=1)
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--direct-port", type=int, default=8101)
+    p.add_argument("--out", default=None, help="folder for results.json and report.md")
+    args = p.parse_args()
+
+    direct_url = f"http://127.0.0.1:{args.direct_port}"
+    gateway_url = f"http://127.0.0.1:{args.port}"
+    direct = subprocess.Popen([sys.executable, str(ENGINE), "--port", str(args.direct_port), *engine_flags(args)])
+    ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="serve", log_to_driver=False)
+    try:
+        serve.start(proxy_location="Disabled")
+        app_args = {
+            "http": {"host": "127.0.0.1", "port": args.port},
+            "router": {"num_replicas": args.routers},
+            "llm": {
+                "model_id": MODEL,
+                "num_cpus": 0,
+                "env_vars": {ENGINE_ARGS_ENV: json.dumps(engine_flags(args))},
+                "autoscaling": {
+                    "min_replicas": 1,
+                    "max_replicas": 1,
+                    "target_ongoing_requests": args.slots // 2,
+                    "max_ongoing_requests": args.slots,
+                },
+            },
+        }
+        deployment = serve.deployment(FakeEngineReplica, name="LLMServer")
+        serve.run(build_app(app_args, llm_deployment=deployment), name="gateway", route_prefix="/", blocking=False)
+        wait_ready(direct_url)
+        wait_ready(gateway_url)
+        routers = processes("ServeReplica:gateway:Router")
+        admission = processes("AdmissionActor") + processes("ServeReplica:gateway:Admission")
+        engines = [p for p in processes(str(ENGINE)) if f"--port {args.direct_port}" not in " ".join(p.cmdline())]
+        print(
+            f"routers {len(routers)}, admission processes {len(admission)}, engines behind the gateway {len(engines)}"
+        )
+        targets = {
+            "direct": Target(direct_url, MODEL, ignore_eos=True),
+            "gateway": Target(gateway_url, MODEL, ignore_eos=True),
+        }
+        for target in targets.values():  # warm-up: connections, first-call paths
+            one_step(target, 4, 8, 8, seed=99)
+        steps: list[dict[str, Any]] = []
+        for concurrency in [int(c) for c in args.concurrency.split(",")]:
+            count = max(args.min_requests, concurrency * args.requests_per_client)
+            for round_ in range(args.rounds):
+                for server, target in targets.items():
+                    before = {
+                        name: cpu_seconds(procs)
+                        for name, procs in (("router", routers), ("admission", admission), ("engine", engines))
+                    }
+                    summary, duration = one_step(target, concurrency, count, args.max_tokens, seed=round_)
+                    used = {
+                        name: cpu_seconds(procs) - before[name]
+                        for name, procs in (("router", routers), ("admission", admission), ("engine", engines))
+                    }
+                    step = {
+                        "server": server,
+                        "concurrency": concurrency,
+                        "round": round_,
+                        "summary": summary,
+                        "cpu_s": used,
+                        "duration_s": duration,
+                    }
+                    steps.append(step)
+                    print(line(step), flush=True)
+        report = markdown(steps, args)
+        print(report)
+        if args.out:
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "results.json").write_text(json.dumps({"args": vars(args), "steps": steps}, indent=1))
+            (out / "report.md").write_text(report)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        direct.terminate()
+    return 0
+
+
+def line(step: dict[str, Any]) -> str:
+    s = step["summary"]
+    return (
+        f"{step['server']:>7} c={step['concurrency']:<4} ok {s['outcomes'].get('ok', 0):>4} "
+        f"{s['output_token_throughput']:>8.0f} tok/s  TTFT p50 {s['ttft_ms']['p50']:.1f} ms  "
+        f"router cpu {step['cpu_s']['router']:.2f}s admission {step['cpu_s']['admission']:.2f}s"
+    )
+
+
+def markdown(steps: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    """Medians over rounds would hide little here: each row is the mean of the rounds' figures."""
+    rows = [
+        f"Engine double: one step every {args.step_ms:g} ms, stream interval {args.stream_interval}, "
+        f"{args.max_tokens} tokens per request; {args.routers} Routers.",
+        "",
+        "| c | direct tok/s | gateway tok/s | ratio | TTFT p50 direct / gateway (ms) | added TTFT p50 (ms) "
+        "| Router CPU ms / request | Router CPU µs / token | Admission CPU ms / request | tokens per Router core-second |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for concurrency in sorted({s["concurrency"] for s in steps}):
+
+        def mean(server: str, get: Any, concurrency: int = concurrency) -> float:
+            values = [get(s) for s in steps if s["concurrency"] == concurrency and s["server"] == server]
+            return sum(values) / len(values)
+
+        d_tok = mean("direct", lambda s: s["summary"]["output_token_throughput"])
+        g_tok = mean("gateway", lambda s: s["summary"]["output_token_throughput"])
+        d_ttft = mean("direct", lambda s: s["summary"]["ttft_ms"]["p50"])
+        g_ttft = mean("gateway", lambda s: s["summary"]["ttft_ms"]["p50"])
+        ok = mean("gateway", lambda s: s["summary"]["outcomes"].get("ok", 0))
+        tokens = mean("gateway", lambda s: s["summary"]["total_output_tokens"])
+        router = mean("gateway", lambda s: s["cpu_s"]["router"])
+        admission = mean("gateway", lambda s: s["cpu_s"]["admission"])
+        rows.append(
+            f"| {concurrency} | {d_tok:,.0f} | {g_tok:,.0f} | {g_tok / d_tok:.2f} | {d_ttft:.1f} / {g_ttft:.1f} "
+            f"| {g_ttft - d_ttft:+.1f} | {router / ok * 1000:.2f} | {router / tokens * 1e6:.0f} "
+            f"| {admission / ok * 1000:.2f} | {tokens / router:,.0f} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
