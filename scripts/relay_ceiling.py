@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,49 @@ def cpu_seconds(procs: list[psutil.Process]) -> float:
     return total
 
 
+def start_profile(pid: int, seconds: float) -> tuple[subprocess.Popen, Path]:
+    """py-spy's collapsed stacks of one Router (`--nonblocking`: the Router is never paused)."""
+    path = Path(tempfile.mkdtemp()) / "router.txt"
+    spy_bin = Path(sys.executable).with_name("py-spy")
+    command = [
+        str(spy_bin) if spy_bin.exists() else "py-spy",
+        "record",
+        "--pid",
+        str(pid),
+        "--duration",
+        str(int(seconds)),
+        "--rate",
+        "100",
+    ]
+    command += ["--format", "raw", "--nonblocking", "--output", str(path)]
+    spy = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return spy, path
+
+
+def profile_table(profile: tuple[subprocess.Popen, Path], top: int = 12) -> str:
+    """Where the Router's samples are: by the function on top of the stack, and the share in our own code."""
+    spy, path = profile
+    spy.wait(120)
+    own: dict[str, int] = {}
+    total = ours = 0
+    for row in path.read_text().splitlines():
+        stack, _, count = row.rpartition(" ")
+        if not count.isdigit():
+            continue
+        frames = stack.split(";")
+        total += int(count)
+        leaf = frames[-1]
+        own[leaf] = own.get(leaf, 0) + int(count)
+        ours += int(count) if any("serve_app/" in f for f in frames) else 0
+    if not total:
+        return "py-spy took no samples\n"
+    rows = [f"py-spy, one Router, {total} samples; {100 * ours / total:.0f}% under serve_app's code.", ""]
+    rows += ["| function on top of the stack | share |", "|---|---|"]
+    for leaf, count in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
+        rows.append(f"| `{leaf}` | {100 * count / total:.1f}% |")
+    return "\n".join(rows) + "\n"
+
+
 def wait_ready(url: str, timeout_s: float = 180) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -117,6 +161,7 @@ def main() -> int:
     p.add_argument("--stream-interval", type=int, default=1)
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--direct-port", type=int, default=8101)
+    p.add_argument("--profile", type=float, default=0, help="py-spy one Router for this many seconds at the top step")
     p.add_argument("--out", default=None, help="folder for results.json and report.md")
     args = p.parse_args()
 
@@ -145,43 +190,36 @@ def main() -> int:
         serve.run(build_app(app_args, llm_deployment=deployment), name="gateway", route_prefix="/", blocking=False)
         wait_ready(direct_url)
         wait_ready(gateway_url)
-        routers = processes("ServeReplica:gateway:Router")
-        admission = processes("AdmissionActor") + processes("ServeReplica:gateway:Admission")
-        engines = [p for p in processes(str(ENGINE)) if f"--port {args.direct_port}" not in " ".join(p.cmdline())]
-        print(
-            f"routers {len(routers)}, admission processes {len(admission)}, engines behind the gateway {len(engines)}"
-        )
+        groups = {
+            "router": processes("ServeReplica:gateway:Router"),
+            "admission": processes("AdmissionActor") + processes("ServeReplica:gateway:Admission"),
+            "engine": [p for p in processes(str(ENGINE)) if f"--port {args.direct_port}" not in " ".join(p.cmdline())],
+        }
+        print({name: len(procs) for name, procs in groups.items()}, "processes")
         targets = {
             "direct": Target(direct_url, MODEL, ignore_eos=True),
             "gateway": Target(gateway_url, MODEL, ignore_eos=True),
         }
         for target in targets.values():  # warm-up: connections, first-call paths
             one_step(target, 4, 8, 8, seed=99)
+        concurrencies = [int(c) for c in args.concurrency.split(",")]
         steps: list[dict[str, Any]] = []
-        for concurrency in [int(c) for c in args.concurrency.split(",")]:
+        profile = None
+        for concurrency in concurrencies:
             count = max(args.min_requests, concurrency * args.requests_per_client)
             for round_ in range(args.rounds):
                 for server, target in targets.items():
-                    before = {
-                        name: cpu_seconds(procs)
-                        for name, procs in (("router", routers), ("admission", admission), ("engine", engines))
-                    }
+                    if args.profile and server == "gateway" and concurrency == concurrencies[-1] and round_ == 0:
+                        profile = start_profile(groups["router"][0].pid, args.profile)
+                    before = {name: cpu_seconds(procs) for name, procs in groups.items()}
                     summary, duration = one_step(target, concurrency, count, args.max_tokens, seed=round_)
-                    used = {
-                        name: cpu_seconds(procs) - before[name]
-                        for name, procs in (("router", routers), ("admission", admission), ("engine", engines))
-                    }
-                    step = {
-                        "server": server,
-                        "concurrency": concurrency,
-                        "round": round_,
-                        "summary": summary,
-                        "cpu_s": used,
-                        "duration_s": duration,
-                    }
-                    steps.append(step)
-                    print(line(step), flush=True)
+                    used = {name: cpu_seconds(procs) - before[name] for name, procs in groups.items()}
+                    step = {"server": server, "concurrency": concurrency, "round": round_, "summary": summary}
+                    steps.append({**step, "cpu_s": used, "duration_s": duration})
+                    print(line(steps[-1]), flush=True)
         report = markdown(steps, args)
+        if profile is not None:
+            report += "\n" + profile_table(profile)
         print(report)
         if args.out:
             out = Path(args.out)
@@ -205,7 +243,7 @@ def line(step: dict[str, Any]) -> str:
 
 
 def markdown(steps: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    """Medians over rounds would hide little here: each row is the mean of the rounds' figures."""
+    """Each row is the mean of the rounds' figures; CPU is what the load added to the idle gateway."""
     rows = [
         f"Engine double: one step every {args.step_ms:g} ms, stream interval {args.stream_interval}, "
         f"{args.max_tokens} tokens per request; {args.routers} Routers.",
@@ -226,8 +264,12 @@ def markdown(steps: list[dict[str, Any]], args: argparse.Namespace) -> str:
         g_ttft = mean("gateway", lambda s: s["summary"]["ttft_ms"]["p50"])
         ok = mean("gateway", lambda s: s["summary"]["outcomes"].get("ok", 0))
         tokens = mean("gateway", lambda s: s["summary"]["total_output_tokens"])
-        router = mean("gateway", lambda s: s["cpu_s"]["router"])
-        admission = mean("gateway", lambda s: s["cpu_s"]["admission"])
+        # The Routers' and Admission's idle CPU (health checks, metrics flushes, Ray's threads), measured
+        # while the double alone was loaded, is taken off the gateway's steps.
+        idle = {g: mean("direct", lambda s, g=g: s["cpu_s"][g] / s["duration_s"]) for g in ("router", "admission")}
+        duration = mean("gateway", lambda s: s["duration_s"])
+        router = mean("gateway", lambda s: s["cpu_s"]["router"]) - idle["router"] * duration
+        admission = mean("gateway", lambda s: s["cpu_s"]["admission"]) - idle["admission"] * duration
         rows.append(
             f"| {concurrency} | {d_tok:,.0f} | {g_tok:,.0f} | {g_tok / d_tok:.2f} | {d_ttft:.1f} / {g_ttft:.1f} "
             f"| {g_ttft - d_ttft:+.1f} | {router / ok * 1000:.2f} | {router / tokens * 1e6:.0f} "
