@@ -120,7 +120,9 @@ def test_client_modes_measure_the_injected_timing(fake_server, mode):
     # Injected delays are lower bounds: a busy machine only adds to them (no upper bound on wall time here).
     assert s["ttft_ms"]["p50"] >= TTFT_MS * 0.95
     assert s["itl_ms"]["p50"] >= ITL_MS * 0.9
-    assert s["e2el_ms"]["p50"] >= s["ttft_ms"]["p50"] + 5 * ITL_MS * 0.9
+    # The server cannot send a stream's last chunk before TTFT + 5 ITL after the request left the client. Per
+    # request, not medians of two distributions: a stalled client can delay one TTFT past another's E2EL.
+    assert all(e2el(r) >= (TTFT_MS + 5 * ITL_MS) / 1000 * 0.95 for r in run.results)
     for r in run.results:  # TPOT is what vLLM's bench defines: (E2EL - TTFT) / (tokens - 1)
         assert tpot(r) == pytest.approx((e2el(r) - ttft(r)) / (output_tokens(r) - 1))
     rounds_s = 2 * (TTFT_MS + 5 * ITL_MS) / 1000  # 6 requests, 3 at a time
