@@ -9,7 +9,7 @@ unlike wall time, holds up on a noisy shared machine.
 
     .venv/bin/python scripts/relay_ceiling.py --concurrency 1,32,128 --out docs/bench/relay-ceiling
 
-The harness deploys the product's graph (`serve_app.app.build_app`) with one change: the LLM replica
+The harness deploys the product's graph (`serve_app.app.compose_app`) with one change: the LLM replica
 starts the double instead of `vllm serve`. Nothing here is part of the product.
 """
 
@@ -30,7 +30,7 @@ import psutil
 import ray
 from ray import serve
 
-from serve_app.app import build_app
+from serve_app.app import compose_app
 from serve_app.bench.load import Target, run_step
 from serve_app.bench.metrics import summarize
 from serve_app.bench.workload import build_requests, load_prompts
@@ -187,7 +187,7 @@ def main() -> int:
             },
         }
         deployment = serve.deployment(FakeEngineReplica, name="LLMServer")
-        serve.run(build_app(app_args, llm_deployment=deployment), name="gateway", route_prefix="/", blocking=False)
+        serve.run(compose_app(app_args, deployment), name="gateway", route_prefix="/", blocking=False)
         wait_ready(direct_url)
         wait_ready(gateway_url)
         groups = {

@@ -13,12 +13,15 @@ from serve_app.metrics_actor import MetricsDeployment
 from serve_app.router import RouterDeployment
 
 
-def build_app(
-    args: AppArgs | dict[str, Any] | None = None, *, llm_deployment: Deployment = LLMDeployment
-) -> Application:
+def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
     """Routers -> LLMServer replicas; the Admission deployment shares queues and slots between Routers, and
-    the Metrics deployment collects every finished request. `llm_deployment` lets a benchmark harness put
-    another OpenAI server behind the same graph (scripts/relay_ceiling.py)."""
+    the Metrics deployment collects every finished request. One parameter: `serve run` allows no other."""
+    return compose_app(args, LLMDeployment)
+
+
+def compose_app(args: AppArgs | dict[str, Any] | None, llm_deployment: Deployment) -> Application:
+    """The graph around any LLM replica deployment: a benchmark harness puts another OpenAI server behind
+    the same Routers (scripts/relay_ceiling.py)."""
     if not isinstance(args, AppArgs):
         args = AppArgs.model_validate(args or {})
     if args.auth.key_file:  # read once, here; the Routers get the keys themselves

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ray.serve import Application
+from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 from ray.serve.schema import ServeDeploySchema
 
 from serve_app.app import build_app
@@ -28,7 +30,9 @@ def test_config_validates(path: Path):
     (app,) = schema.applications
     assert app.import_path == "serve_app.app:build_app"
     args = AppArgs.model_validate(app.args)
-    build_app(args)  # binds the graph without starting anything
+    # As `serve run` and `serve deploy` call the builder (it must take exactly one parameter); binds the
+    # graph without starting anything.
+    assert isinstance(call_user_app_builder_with_args_if_necessary(build_app, app.args), Application)
     options = args.llm.deployment_options()
     assert options["autoscaling_config"]["max_replicas"] >= options["autoscaling_config"]["min_replicas"]
     serve_args = parse_serve_args("/models/placeholder", args.llm.model_id, args.llm.engine_options())
