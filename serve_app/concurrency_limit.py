@@ -18,6 +18,13 @@ from __future__ import annotations
 
 import math
 
+# A knee more than this many times the concurrency the samples came from is an extrapolation from noise:
+# at two running requests the slope b*c is a few percent of the time per token, smaller than a shared
+# machine's jitter: one request slowed by 40% with two running gives a knee of 26, which held 9 of 32
+# clients back for a whole answer on CPU (docs/qos.md). Past it, the limit stays at its bound, which costs
+# nothing: a load far under the knee is not held back by it either way.
+MAX_EXTRAPOLATION = 2.0
+
 
 class KneeLimit:
     """`a` is the smallest time per token seen, `b` a weighted running ratio of the excess to the concurrency
@@ -37,6 +44,7 @@ class KneeLimit:
         self.unloaded_per_token_s: float | None = None
         self._excess = 0.0  # running sums of (t - a) and of concurrency, for the slope b
         self._weight = 0.0
+        self._loaded = 0  # samples taken with two or more requests running: the ones in those sums
         self.samples = 0
         self.limit = max_limit
 
@@ -58,12 +66,22 @@ class KneeLimit:
             keep = 1 - self._alpha
             self._excess = keep * self._excess + self._alpha * excess
             self._weight = keep * self._weight + self._alpha * concurrency
+            self._loaded += 1
         self.limit = self._knee()
         return self.limit
 
+    @property
+    def sampled_concurrency(self) -> float | None:
+        """The (weighted) mean concurrency of the samples behind the slope."""
+        if not self._loaded:
+            return None
+        return self._weight / (1 - (1 - self._alpha) ** self._loaded)
+
     def _knee(self) -> int:
-        slope, base = self.slope_s, self.unloaded_per_token_s
-        if slope is None or base is None or slope <= 0:
+        slope, base, seen = self.slope_s, self.unloaded_per_token_s, self.sampled_concurrency
+        if slope is None or base is None or seen is None or slope <= 0:
             return self.max_limit
         knee = self.knee_share / (1 - self.knee_share) * base / slope
+        if knee > MAX_EXTRAPOLATION * seen:
+            return self.max_limit
         return int(min(max(math.floor(knee + 1e-9), self.min_limit), self.max_limit))

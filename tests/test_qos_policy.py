@@ -39,6 +39,21 @@ def test_knee_limit_stays_at_the_bound_when_more_concurrency_costs_nothing():
     assert limit.limit == 64
 
 
+def test_knee_limit_does_not_extrapolate_from_light_load_noise():
+    """At two running requests the slope is lost in a shared machine's jitter: one slow request there
+    must not hold the next burst below the bound. Measured on CPU: a limit near 26, set during a
+    one-client run, made 9 of the next 32 clients wait a whole answer (TTFT p99 5x bare vLLM's)."""
+    limit = KneeLimit(max_limit=64)
+    for _ in range(24):
+        limit.observe(1, 0.046)  # one client: one request running
+    # A release and the next grant overlapped (two running, for a moment) while a busy neighbour slowed it.
+    limit.observe(2, 0.066)
+    assert limit.limit == 64, f"a knee extrapolated from two running requests: {limit.limit}"
+    for _ in range(100):  # the same engine loaded for real: its slope is measured where the knee binds
+        limit.observe(32, 0.046 + 0.020 * 32)
+    assert limit.limit == 13, "knee = 0.85 / 0.15 * 46 / 20"
+
+
 def test_knee_limit_respects_its_bounds_and_ignores_nonsense_samples():
     limit = KneeLimit(max_limit=32, min_limit=4, knee_share=0.5)
     limit.observe(1, 0.001)
