@@ -76,6 +76,19 @@ def gateway() -> Iterator[str]:
         ray.shutdown()
 
 
+def delete_app(name: str, timeout_s: float = 150) -> None:
+    """Deletes a test's own app and waits until it is gone. Not `serve.delete`'s own 60 s wait: a Router
+    replica has twice outlived it (once per CI run, in different apps) and was force-killed at its 90 s grace
+    period, after its test had passed; the cause is not found yet (see docs/reliability.md)."""
+    from ray import serve
+
+    serve.delete(name, _blocking=False)
+    deadline = time.monotonic() + timeout_s
+    while name in serve.status().applications:
+        assert time.monotonic() < deadline, f"the app {name!r} was not deleted within {timeout_s:.0f}s"
+        time.sleep(1)
+
+
 def wait_until_ready(base_url: str, started: float) -> None:
     last = None
     while time.monotonic() - started < READY_TIMEOUT_S:

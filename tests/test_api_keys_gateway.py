@@ -7,7 +7,7 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import MODEL_ID, wait_until_ready
+from conftest import MODEL_ID, delete_app, wait_until_ready
 
 pytestmark = pytest.mark.engine
 
@@ -43,7 +43,7 @@ def keyed(gateway, tmp_path_factory):
     serve.run(build_app(args), name=APP, route_prefix=f"/{APP}", blocking=False)
     wait_until_ready(URL, started)
     yield URL
-    serve.delete(APP)
+    delete_app(APP)
 
 
 def auth(key: str) -> dict[str, str]:

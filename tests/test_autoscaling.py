@@ -12,7 +12,7 @@ import time
 
 import httpx
 import pytest
-from conftest import MODEL_ID, wait_until_ready
+from conftest import MODEL_ID, delete_app, wait_until_ready
 
 pytestmark = pytest.mark.engine
 
@@ -88,9 +88,4 @@ async def test_a_load_step_scales_to_two_replicas_and_idle_scales_back_to_one(ga
             answer = await http.post("/v1/completions", json={"model": MODEL_ID, "prompt": "Hi", "max_tokens": 2})
             assert answer.status_code == 200, "the replica that stayed still serves"
     finally:
-        # Clean-up, not under test (tests/test_two_replicas.py tests the drain): once, in CI, a Router of this
-        # app outlived Ray's 60 s wait in `serve.delete` and was force-killed at its 90 s grace period.
-        serve.delete(APP, _blocking=False)
-        deadline = time.monotonic() + 150
-        while APP in serve.status().applications and time.monotonic() < deadline:
-            await asyncio.sleep(1)
+        await asyncio.to_thread(delete_app, APP)

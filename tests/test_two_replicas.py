@@ -18,7 +18,7 @@ import time
 import httpx
 import psutil
 import pytest
-from conftest import MODEL_ID, stats, wait_until_ready
+from conftest import MODEL_ID, delete_app, stats, wait_until_ready
 
 pytestmark = pytest.mark.engine
 
@@ -65,7 +65,7 @@ def pair(gateway):
         time.sleep(1)
     yield URL
     if APP in serve.status().applications:
-        serve.delete(APP)
+        delete_app(APP)
 
 
 def engine_cores_by_replica() -> list[list[psutil.Process]]:
