@@ -47,7 +47,11 @@ def bind(host: str, port: int) -> socket.socket:
 
 async def start(app: Any, sock: socket.socket) -> uvicorn.Server:
     """Serves `app` on `sock` in a task of the running loop; returns once it accepts connections."""
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_keep_alive=30)
+    # log_config=None: uvicorn's own logging config (dictConfig) would close every handler of the process,
+    # Ray Serve's replica log among them, and the Router's log would stop after "Started initializing".
+    config = uvicorn.Config(
+        app, log_config=None, log_level="warning", access_log=False, lifespan="off", timeout_keep_alive=30
+    )
     server = uvicorn.Server(config)
     task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
     while not server.started:
