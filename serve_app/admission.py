@@ -126,9 +126,10 @@ class Admission:
         if self.capacity == 0:
             raise NotReady("no LLM replica is ready to serve yet")
         now = self._clock()
+        self.replicas.arrived(priority, now)
         # Whoever waits could not be placed, and a waiter of a higher class would have been: so a free
         # slot for this class means no one waiting should have it first.
-        if (replica := self.replicas.take(priority)) is not None:
+        if (replica := self.replicas.take(priority, now)) is not None:
             return self._grant(priority, now, now, replica, tenant)
         if not front:
             self._shed_or_pass(priority)
@@ -190,7 +191,7 @@ class Admission:
             waiter = self.queue.peek(now)
             assert waiter is not None
             wanted = self.queue.effective_class(waiter, now)
-            replica = self.replicas.take(wanted)
+            replica = self.replicas.take(wanted, now)
             if replica is None:
                 self._maybe_preempt(wanted, now)
                 return

@@ -47,7 +47,9 @@ def build_admission(queue: QueueConfig, config: AdmissionConfig) -> Admission:
         def limiter(max_ongoing: int) -> KneeLimit:
             return KneeLimit(max_ongoing, min(config.min_limit, max_ongoing), config.knee_share)
 
-    replicas = ReplicaSet(Reservation.for_classes(config.reserved.high, config.reserved.medium), limiter)
+    replicas = ReplicaSet(
+        Reservation.for_classes(config.reserved.high, config.reserved.medium, config.reserved.hold_s), limiter
+    )
     return Admission(
         PriorityRequestQueue(queue.limits(), queue.aging_s, TenantCounters() if config.fair_share else None),
         replicas,

@@ -35,6 +35,9 @@ class QueueConfig(StrictModel):
 class ReservedConfig(StrictModel):
     high: float = Field(0.1, ge=0, lt=1, description="share of each replica's slots that only high may use")
     medium: float = Field(0.0, ge=0, lt=1, description="a further share that high and medium may use, low not")
+    hold_s: float | None = Field(
+        60.0, gt=0, description="a share is held only while a class it is for arrived this recently; null: always"
+    )
 
     @model_validator(mode="after")
     def _leaves_low_some(self) -> ReservedConfig:

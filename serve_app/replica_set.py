@@ -2,8 +2,8 @@
 
 Every dispatch slot belongs to one replica. A replica's limit is its knee (`concurrency_limit`)
 when adaptive admission is on, else its `max_ongoing`; a share of that limit is reserved for the
-higher classes (`Reservation`), and a slot is granted on the replica with the most room for the
-asking class. No Ray, no HTTP, no asyncio.
+higher classes (`Reservation`) while those classes are in use, and a slot is granted on the replica
+with the most room for the asking class. No Ray, no HTTP, no asyncio.
 """
 
 from __future__ import annotations
@@ -18,23 +18,32 @@ from serve_app.priority import Priority
 
 @dataclass(frozen=True)
 class Reservation:
-    """`shares[p]`: the part of each replica's limit held back for classes above p. High is never held back."""
+    """`shares[k]`: the part of each replica's limit that only class k and the classes above it may use.
+
+    `hold_s`: a share is held back only while a class it is for has arrived within the last `hold_s` seconds
+    (None: always). Without it, a gateway that sees no high request still idles high's share: measured on an
+    H200, an all-medium load at 256 concurrent ran 230 at a time and gave 0.76x bare vLLM's tokens/s."""
 
     shares: Mapping[Priority, float] = field(default_factory=dict)
+    hold_s: float | None = None
 
     @classmethod
-    def for_classes(cls, high: float = 0.0, medium: float = 0.0) -> Reservation:
+    def for_classes(cls, high: float = 0.0, medium: float = 0.0, hold_s: float | None = None) -> Reservation:
         """`high`: share only high may use; `medium`: a further share high and medium may use, low may not."""
         if high < 0 or medium < 0 or high + medium >= 1:
             raise ValueError("reserved shares must be >= 0 and leave low part of the slots")
-        return cls({Priority.HIGH: 0.0, Priority.MEDIUM: high, Priority.LOW: high + medium})
+        if hold_s is not None and hold_s <= 0:
+            raise ValueError("hold_s must be positive, or None to hold the shares always")
+        return cls({Priority.HIGH: high, Priority.MEDIUM: medium}, hold_s)
 
-    def allowed(self, limit: int, priority: Priority) -> int:
-        """Slots of `limit` that `priority` may fill; at least one, so a class never waits on an idle replica."""
-        held = self.shares.get(priority, 0.0)
-        if held <= 0 or limit <= 1:
+    def allowed(self, limit: int, priority: Priority, in_use: Callable[[Priority], bool] | None = None) -> int:
+        """Slots of `limit` that `priority` may fill: all but the shares of the classes above it that are in use
+        (`in_use(k)`: a request of class k or above arrived lately; None: all are). At least one, so a class
+        never waits on an idle replica."""
+        share = sum(s for k, s in self.shares.items() if k < priority and (in_use is None or in_use(k)))
+        if share <= 0 or limit <= 1:
             return limit
-        return max(1, limit - math.ceil(round(limit * held, 9)))
+        return max(1, limit - math.ceil(round(limit * share, 9)))
 
 
 @dataclass(eq=False)
@@ -68,6 +77,7 @@ class ReplicaSet:
         self._replicas: dict[str, Replica] = {}
         self.reservation = reservation or Reservation()
         self._limiter_factory = limiter_factory
+        self._last_arrival: dict[Priority, float] = {}
 
     def __len__(self) -> int:
         return len(self._replicas)
@@ -121,16 +131,29 @@ class ReplicaSet:
     def by_url(self, url: str) -> Replica | None:
         return next((r for r in self._replicas.values() if r.url == url), None)
 
-    def room(self, replica: Replica, priority: Priority) -> int:
-        return self.reservation.allowed(replica.limit, priority) - replica.in_flight
+    def arrived(self, priority: Priority, now: float) -> None:
+        """A request of this class arrived: the shares held for it are held from now for `hold_s`."""
+        self._last_arrival[priority] = now
 
-    def can_take(self, priority: Priority) -> bool:
-        return any(self.room(r, priority) > 0 for r in self._replicas.values())
+    def in_use(self, now: float | None) -> Callable[[Priority], bool] | None:
+        """Which reserved shares are held at `now`: that of class k while k or a class above it arrived within
+        `hold_s`. None (every share held) without a time or a `hold_s`."""
+        hold_s = self.reservation.hold_s
+        if hold_s is None or now is None:
+            return None
+        recent = [p for p, at in self._last_arrival.items() if now - at <= hold_s]
+        return lambda k: any(p <= k for p in recent)
 
-    def take(self, priority: Priority = Priority.HIGH) -> Replica | None:
+    def room(self, replica: Replica, priority: Priority, now: float | None = None) -> int:
+        return self.reservation.allowed(replica.limit, priority, self.in_use(now)) - replica.in_flight
+
+    def can_take(self, priority: Priority, now: float | None = None) -> bool:
+        return any(self.room(r, priority, now) > 0 for r in self._replicas.values())
+
+    def take(self, priority: Priority = Priority.HIGH, now: float | None = None) -> Replica | None:
         """One slot on the replica with the most room for this class, or None when none has room."""
-        best = max(self._replicas.values(), key=lambda r: self.room(r, priority), default=None)
-        if best is None or self.room(best, priority) <= 0:
+        best = max(self._replicas.values(), key=lambda r: self.room(r, priority, now), default=None)
+        if best is None or self.room(best, priority, now) <= 0:
             return None
         best.in_flight += 1
         return best

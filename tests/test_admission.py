@@ -132,6 +132,27 @@ async def test_a_high_request_gets_a_reserved_slot_while_lows_wait():
     await asyncio.wait_for(low, 1)
 
 
+async def test_with_no_high_in_use_medium_fills_every_slot_and_high_takes_the_next_free_one():
+    clock = [0.0]
+    reserved = Reservation.for_classes(high=0.5, hold_s=30)
+    adm = make_admission(capacity=4, reservation=reserved, clock=lambda: clock[0])
+    running = [await adm.acquire(Priority.MEDIUM) for _ in range(4)]
+    assert adm.in_use == 4, "no high seen: nothing is held back"
+    high = asyncio.create_task(adm.acquire(Priority.HIGH))
+    medium = asyncio.create_task(adm.acquire(Priority.MEDIUM))
+    await settle()
+    adm.release(running[0])
+    await asyncio.wait_for(high, 1)
+    for slot in running[1:3]:
+        adm.release(slot)
+        await settle()
+        assert not medium.done(), "high is in use now: medium waits until the replica runs below its share"
+    adm.release(running[3])
+    await asyncio.wait_for(medium, 1)
+    clock[0] = 31.0
+    assert (await adm.acquire(Priority.MEDIUM)).queue_wait_s == 0, "high last came 31 s ago: its share is open"
+
+
 async def test_a_request_that_would_wait_past_its_bound_is_refused_at_arrival():
     clock = [0.0]
     adm = make_admission(capacity=1, max_wait_s=5.0, shed=True, clock=lambda: clock[0], initial_service_s=2.0)

@@ -90,6 +90,28 @@ def test_low_cannot_take_the_reserved_slots_but_high_can():
     assert replicas.take(Priority.HIGH) is None, "the limit itself binds every class"
 
 
+def test_a_reserved_share_is_held_only_while_a_class_it_is_for_is_in_use():
+    replicas = ReplicaSet(Reservation.for_classes(high=0.25, medium=0.25, hold_s=60))
+    replicas.add("a", "http://a", 8)
+    assert [replicas.take(Priority.MEDIUM, now=0.0) is not None for _ in range(8)] == [True] * 8, (
+        "no high has arrived: medium may fill every slot"
+    )
+    for _ in range(8):
+        replicas.give_back(replicas.get("a"))
+    replicas.arrived(Priority.MEDIUM, 10.0)
+    assert replicas.room(replicas.get("a"), Priority.MEDIUM, now=10.0) == 8, "medium's own arrival holds nothing"
+    assert replicas.room(replicas.get("a"), Priority.LOW, now=10.0) == 6, "medium arrived: low leaves it its share"
+    replicas.arrived(Priority.HIGH, 20.0)
+    assert replicas.room(replicas.get("a"), Priority.MEDIUM, now=20.0) == 6
+    assert replicas.room(replicas.get("a"), Priority.LOW, now=20.0) == 4
+    assert replicas.room(replicas.get("a"), Priority.MEDIUM, now=80.0) == 6, "held for hold_s after the arrival"
+    assert replicas.room(replicas.get("a"), Priority.MEDIUM, now=80.1) == 8, "then open again"
+    assert replicas.room(replicas.get("a"), Priority.LOW, now=80.1) == 8, "medium, too, last came 70 s ago"
+    assert replicas.room(replicas.get("a"), Priority.LOW) == 4, "without a time: held, as with no hold_s"
+    with pytest.raises(ValueError):
+        Reservation.for_classes(high=0.1, hold_s=0)
+
+
 def test_replica_limits_follow_their_knee_and_add_up():
     replicas = ReplicaSet(limiter_factory=lambda bound: KneeLimit(bound, knee_share=0.5))
     a = replicas.add("a", "http://a", 64)
