@@ -88,6 +88,8 @@ class Admission:
         self.active: set[Slot] = set()
         self.preempt_asks = dict.fromkeys(Priority, 0)
         self.shed_count = dict.fromkeys(Priority, 0)
+        self._lapse_timer: asyncio.TimerHandle | None = None
+        self._lapse_at = 0.0
 
     @property
     def capacity(self) -> int:
@@ -127,7 +129,9 @@ class Admission:
             raise NotReady("no LLM replica is ready to serve yet")
         now = self._clock()
         self.replicas.arrived(priority, now)
-        # Whoever waits could not be placed, and a waiter of a higher class would have been: so a free
+        if len(self.queue):  # a share may have lapsed since the last dispatch: waiters take that room first
+            self._dispatch()
+        # Whoever waits now could not be placed, and a waiter of a higher class would have been: so a free
         # slot for this class means no one waiting should have it first.
         if (replica := self.replicas.take(priority, now)) is not None:
             return self._grant(priority, now, now, replica, tenant)
@@ -139,6 +143,7 @@ class Admission:
             priority, now, future, retry_after_s=self.retry_after(priority), front=front, tenant=tenant
         )
         self._maybe_preempt(self.queue.effective_class(waiter, now), now)
+        self._dispatch_when_a_share_lapses(now)
         # A hair past the bound, so the sweep never runs before the waiter is due.
         timer = loop.call_later(self.queue.limits[priority].max_wait_s + 0.001, self._expire_waiters)
         try:
@@ -194,6 +199,7 @@ class Admission:
             replica = self.replicas.take(wanted, now)
             if replica is None:
                 self._maybe_preempt(wanted, now)
+                self._dispatch_when_a_share_lapses(now)
                 return
             self.queue.pop(now)
             future: asyncio.Future[Slot] = waiter.payload
@@ -201,6 +207,24 @@ class Admission:
                 self.replicas.give_back(replica)
                 continue
             future.set_result(self._grant(waiter.priority, waiter.enqueued_at, now, replica, waiter.tenant))
+
+    def _dispatch_when_a_share_lapses(self, now: float) -> None:
+        """A held share opens with no release or arrival to dispatch it: one timer, for the next lapse."""
+        at = self.replicas.next_release_of_shares(now)
+        if at is None or (self._lapse_timer is not None and self._lapse_at <= at):
+            return
+        if self._lapse_timer is not None:
+            self._lapse_timer.cancel()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._lapse_at = at
+        self._lapse_timer = loop.call_later(at - now + 0.001, self._on_share_lapse)
+
+    def _on_share_lapse(self) -> None:
+        self._lapse_timer = None
+        self._dispatch()
 
     def _maybe_preempt(self, waiting: Priority, now: float) -> None:
         """One ask per high waiter that no slot is on its way to."""

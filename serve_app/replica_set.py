@@ -144,6 +144,13 @@ class ReplicaSet:
         recent = [p for p, at in self._last_arrival.items() if now - at <= hold_s]
         return lambda k: any(p <= k for p in recent)
 
+    def next_release_of_shares(self, now: float) -> float | None:
+        """When the next held share lapses (a class's `hold_s` after its last arrival), or None."""
+        hold_s = self.reservation.hold_s
+        if hold_s is None:
+            return None
+        return min((at + hold_s for at in self._last_arrival.values() if at + hold_s > now), default=None)
+
     def room(self, replica: Replica, priority: Priority, now: float | None = None) -> int:
         return self.reservation.allowed(replica.limit, priority, self.in_use(now)) - replica.in_flight
 

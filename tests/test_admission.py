@@ -136,7 +136,7 @@ async def test_with_no_high_in_use_medium_fills_every_slot_and_high_takes_the_ne
     clock = [0.0]
     reserved = Reservation.for_classes(high=0.5, hold_s=30)
     adm = make_admission(capacity=4, reservation=reserved, clock=lambda: clock[0])
-    running = [await adm.acquire(Priority.MEDIUM) for _ in range(4)]
+    running = [await asyncio.wait_for(adm.acquire(Priority.MEDIUM), 1) for _ in range(4)]
     assert adm.in_use == 4, "no high seen: nothing is held back"
     high = asyncio.create_task(adm.acquire(Priority.HIGH))
     medium = asyncio.create_task(adm.acquire(Priority.MEDIUM))
@@ -150,7 +150,32 @@ async def test_with_no_high_in_use_medium_fills_every_slot_and_high_takes_the_ne
     adm.release(running[3])
     await asyncio.wait_for(medium, 1)
     clock[0] = 31.0
-    assert (await adm.acquire(Priority.MEDIUM)).queue_wait_s == 0, "high last came 31 s ago: its share is open"
+    late = await asyncio.wait_for(adm.acquire(Priority.MEDIUM), 1)
+    assert late.queue_wait_s == 0, "high last came 31 s ago: its share is open"
+
+
+async def test_a_lapsed_share_goes_to_the_waiters_before_a_new_arrival():
+    clock = [0.0]
+    adm = make_admission(capacity=4, reservation=Reservation.for_classes(high=0.5, hold_s=30), clock=lambda: clock[0])
+    await asyncio.wait_for(adm.acquire(Priority.HIGH), 1)
+    await asyncio.wait_for(adm.acquire(Priority.MEDIUM), 1)
+    queued = asyncio.create_task(adm.acquire(Priority.MEDIUM))
+    await settle()
+    assert not queued.done(), "high is in use: medium may run 2 of 4, and 2 run"
+    clock[0] = 31.0
+    newcomer = await asyncio.wait_for(adm.acquire(Priority.MEDIUM), 1)
+    assert queued.done() and queued.result().dispatch_seq < newcomer.dispatch_seq, "the waiter came first"
+
+
+async def test_a_share_that_lapses_with_nothing_else_happening_still_reaches_the_waiters():
+    adm = make_admission(capacity=4, reservation=Reservation.for_classes(high=0.5, hold_s=0.2))  # real clock
+    await asyncio.wait_for(adm.acquire(Priority.HIGH), 1)
+    await asyncio.wait_for(adm.acquire(Priority.MEDIUM), 1)
+    queued = asyncio.create_task(adm.acquire(Priority.MEDIUM))
+    await settle()
+    assert not queued.done(), "high is in use: medium may run 2 of 4, and 2 run"
+    slot = await asyncio.wait_for(queued, 5)  # no release, no arrival: the lapse itself dispatches
+    assert adm.in_use == 3 and slot.queue_wait_s > 0
 
 
 async def test_a_request_that_would_wait_past_its_bound_is_refused_at_arrival():

@@ -108,6 +108,7 @@ def test_a_reserved_share_is_held_only_while_a_class_it_is_for_is_in_use():
     assert replicas.room(replicas.get("a"), Priority.MEDIUM, now=80.1) == 8, "then open again"
     assert replicas.room(replicas.get("a"), Priority.LOW, now=80.1) == 8, "medium, too, last came 70 s ago"
     assert replicas.room(replicas.get("a"), Priority.LOW) == 4, "without a time: held, as with no hold_s"
+    assert [replicas.next_release_of_shares(t) for t in (20.0, 75.0, 81.0)] == [70.0, 80.0, None]
     with pytest.raises(ValueError):
         Reservation.for_classes(high=0.1, hold_s=0)
 
