@@ -82,4 +82,9 @@ def run_serve(argv: list[str]) -> None:
     """Does what `vllm serve ARGV` does: the same environment set-up, parser and command, so that one API server or
     several (`api_server_count`) start as they would there."""
     _first("cli_env_setup", "vllm.entrypoints.serve.utils.api_utils")()
-    _first("ServeSubcommand", "vllm.entrypoints.cli.serve").cmd(parse_serve_cli(argv))
+    args = parse_serve_cli(argv)
+    try:  # 0.32+ set logging up from the arguments, for the extra API servers too; 0.26 does it at import
+        _first("configure_logging_from_args", "vllm.logger")(args)
+    except UnsupportedVLLM:
+        pass
+    _first("ServeSubcommand", "vllm.entrypoints.cli.serve").cmd(args)
