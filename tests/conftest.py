@@ -7,6 +7,8 @@ priority order are deterministic: the second concurrent request always waits in 
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 import time
 from collections.abc import Iterator
 
@@ -87,6 +89,26 @@ def delete_app(name: str, timeout_s: float = 150) -> None:
     while name in serve.status().applications:
         assert time.monotonic() < deadline, f"the app {name!r} was not deleted within {timeout_s:.0f}s"
         time.sleep(1)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_server(url: str, proc: subprocess.Popen, timeout_s: float, path: str = "/health") -> None:
+    """Waits until a server a test started answers `path` with 200; fails at once if its process exits."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert proc.poll() is None, f"the server at {url} exited with {proc.returncode} while starting"
+        try:
+            if httpx.get(f"{url}{path}", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"{url}{path} did not answer within {timeout_s:.0f}s"
+        time.sleep(0.1)
 
 
 def wait_until_ready(base_url: str, started: float) -> None:

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
+from conftest import free_port, wait_for_server
 
 from serve_app.bench.cli import main
 from serve_app.bench.clients import RequestResult
@@ -84,27 +82,13 @@ def test_workload_is_deterministic_and_mix_is_respected():
         parse_slo("latency=5")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def fake_server() -> Iterator[str]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, str(FAKE), str(port)])
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(f"{url}/v1/models", timeout=1).raise_for_status()
-                break
-            except httpx.HTTPError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+        wait_for_server(url, proc, 30, path="/v1/models")
         yield url
     finally:
         proc.terminate()

@@ -7,24 +7,17 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import time
 
 import httpx
 import psutil
+from conftest import free_port, wait_for_server
 
 from serve_app import vllm_compat
 from serve_app.engine_args import serve_argv
 from serve_app.model_files import DEFAULT_MODEL_ENGINE_KWARGS, DEFAULT_MODEL_SOURCE, resolve_model_source
 
 START_TIMEOUT_S = 400
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_api_server_count_starts_that_many_servers_in_front_of_one_engine():
@@ -38,16 +31,7 @@ def test_api_server_count_starts_that_many_servers_in_front_of_one_engine():
     url = f"http://127.0.0.1:{port}"
     children: list[psutil.Process] = []
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            assert proc.poll() is None, f"vLLM's server exited with {proc.returncode} while starting"
-            assert time.monotonic() < deadline, "vLLM's server did not answer /health in time"
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+        wait_for_server(url, proc, START_TIMEOUT_S)
         children = psutil.Process(proc.pid).children(recursive=True)
         api_servers = [c for c in children if "APIServer" in c.name() or "APIServer" in " ".join(c.cmdline())]
         assert len(api_servers) == 2, [c.name() for c in children]

@@ -4,15 +4,14 @@ measures in front of it is the gateway's relay: exact token counts, vLLM's event
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from conftest import free_port, wait_for_server
 
 from serve_app.bench.load import Target, run_step
 from serve_app.bench.metrics import summarize
@@ -25,23 +24,13 @@ ENGINE = Path(__file__).parents[1] / "scripts" / "fake_engine.py"
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, str(ENGINE), "--port", str(port), "--step-ms", "5", "--stream-interval", "3"]
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise
-                time.sleep(0.1)
+        wait_for_server(url, proc, 30)
         yield url
     finally:
         proc.terminate()
