@@ -1,9 +1,10 @@
 """Every vLLM-internal name the gateway uses, found where each supported vLLM release keeps it.
 
 The engine runs as vLLM's own `vllm serve`; the gateway needs vLLM's argument parser, to check a
-config before starting anything, and the command behind `vllm serve`, to start it. vLLM moves that module between releases (0.26:
-`entrypoints.openai.cli_args`, 0.32: `entrypoints.launchers.cli_args`, 0.33:
-`entrypoints.common.cli_args`), so following a new release is one edit here. Imports are lazy:
+config before starting anything, and the command behind `vllm serve`, to start it. vLLM moves the
+parser's module between releases (0.26: `entrypoints.openai.cli_args`, 0.32:
+`entrypoints.launchers.cli_args`, 0.33: `entrypoints.common.cli_args`), so following a new release
+is one edit here. Imports are lazy:
 the Router never loads vLLM.
 """
 
