@@ -51,12 +51,18 @@ def check_version(version: str | None = None) -> str:
 
 
 def _first(name: str, *modules: str) -> Any:
-    """`name` from the first module that has it; the modules are listed newest layout first."""
+    """`name` from the first module that has it; the modules are listed newest layout first. Only a module
+    missing from this release's layout moves on to the next; any other import error (a broken dependency
+    inside vLLM) is raised as it is, so that it does not read as an unsupported release."""
     for module in modules:
         try:
-            return getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError):
-            continue
+            found = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and (module == exc.name or module.startswith(exc.name + ".")):
+                continue
+            raise
+        if hasattr(found, name):
+            return getattr(found, name)
     raise UnsupportedVLLM(f"vLLM has no {name} in any of {', '.join(modules)}")
 
 

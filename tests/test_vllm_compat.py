@@ -34,3 +34,15 @@ def test_server_command_is_vllm_serve():
 def test_a_name_missing_everywhere_says_where_it_looked():
     with pytest.raises(vllm_compat.UnsupportedVLLM, match="no no_such_name in any of json, os"):
         vllm_compat._first("no_such_name", "json", "os")
+
+
+def test_a_module_missing_from_this_layout_moves_on_to_the_next():
+    assert vllm_compat._first("dumps", "no_such_package.cli_args", "json") is __import__("json").dumps
+
+
+def test_a_broken_dependency_inside_a_module_is_raised_not_called_unsupported(tmp_path, monkeypatch):
+    (tmp_path / "layout_with_broken_dep.py").write_text("import dependency_that_is_not_installed\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModuleNotFoundError) as raised:
+        vllm_compat._first("anything", "layout_with_broken_dep", "json")
+    assert raised.value.name == "dependency_that_is_not_installed"
