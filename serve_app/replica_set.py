@@ -152,15 +152,21 @@ class ReplicaSet:
         return min((at + hold_s for at in self._last_arrival.values() if at + hold_s > now), default=None)
 
     def room(self, replica: Replica, priority: Priority, now: float | None = None) -> int:
-        return self.reservation.allowed(replica.limit, priority, self.in_use(now)) - replica.in_flight
+        return self._room(replica, priority, self.in_use(now))
+
+    def _room(self, replica: Replica, priority: Priority, in_use: Callable[[Priority], bool] | None) -> int:
+        return self.reservation.allowed(replica.limit, priority, in_use) - replica.in_flight
 
     def can_take(self, priority: Priority, now: float | None = None) -> bool:
-        return any(self.room(r, priority, now) > 0 for r in self._replicas.values())
+        in_use = self.in_use(now)
+        return any(self._room(r, priority, in_use) > 0 for r in self._replicas.values())
 
     def take(self, priority: Priority = Priority.HIGH, now: float | None = None) -> Replica | None:
         """One slot on the replica with the most room for this class, or None when none has room."""
-        best = max(self._replicas.values(), key=lambda r: self.room(r, priority, now), default=None)
-        if best is None or self.room(best, priority, now) <= 0:
+        in_use = self.in_use(now)  # once per call, not once per replica
+        rooms = ((r, self._room(r, priority, in_use)) for r in self._replicas.values())
+        best, room = max(rooms, key=lambda pair: pair[1], default=(None, 0))
+        if best is None or room <= 0:
             return None
         best.in_flight += 1
         return best
