@@ -7,6 +7,7 @@
 # Everything lands in $OUT (summary.txt, and raw.tgz with the JSONs, logs and profiles).
 # Usage: PYSPY=path/to/py-spy PARTS="closed open" bash scripts/gpu/measure.sh
 . /tmp/extra/kit/env.sh
+. "$(dirname "$0")/bench_serve.sh"
 OUT=${OUT:-/tmp/out}; raw=/tmp/measure; mkdir -p "$raw/prof" "$OUT"
 CONCS=${CONCS:-1 64 256}; PARTS=${PARTS:-closed open}; OPEN_RATE=${OPEN_RATE:-80}; OPEN_N=${OPEN_N:-1600}
 say() { echo "$*" | tee -a "$OUT/summary.txt"; }
@@ -35,14 +36,9 @@ if [[ " $PARTS " == *" closed "* ]]; then
     n=$(( c < 16 ? 24 : c * 4 ))
     for port in 8001 8000; do
       [ "$c" = "${CONCS##* }" ] && [ "$port" = 8000 ] && { profile & }
-      (cd /tmp && python3 -m vllm.entrypoints.cli.main bench serve --backend openai-chat \
-        --base-url "http://127.0.0.1:$port" --endpoint /v1/chat/completions --model qwen3-0.6b \
-        --tokenizer /tmp/extra/model --dataset-name random --random-input-len 256 --random-output-len 128 \
-        --num-prompts $n --max-concurrency "$c" --ignore-eos --percentile-metrics ttft,tpot,e2el \
-        --metric-percentiles 50,99 --num-warmups 4 --disable-tqdm --save-result --result-dir "$raw" \
-        --result-filename "c${c}_p${port}.json" > "$raw/bench_c${c}_p${port}.log" 2>&1)
-      say "c=$c port=$port $(grep -E "Successful requests|Output token throughput|Median TTFT|P99 TTFT|Median TPOT" \
-        "$raw/bench_c${c}_p${port}.log" | awk -F: '{gsub(/ +/," ",$2); printf "%s=%s ", $1, $2}')"
+      bench_serve "127.0.0.1:$port" "$c" "$n" "$raw/bench_c${c}_p${port}.log" --save-result --result-dir "$raw" \
+        --result-filename "c${c}_p${port}.json"
+      say "c=$c port=$port $(bench_summary "$raw/bench_c${c}_p${port}.log")"
     done
     wait
   done

@@ -8,6 +8,7 @@
 # Each `vllm bench serve` spends ~30 s starting (tokenizer, prompts) before its load.
 # Usage: CONC=256 ROUNDS=2 EXTRA="8002" PYSPY=/tmp/py-spy bash scripts/gpu/split_probe.sh  (results: $OUT/split_c$CONC.txt)
 . /tmp/extra/kit/env.sh
+. "$(dirname "$0")/bench_serve.sh"
 OUT=${OUT:-/tmp/out}; CONC=${CONC:-1}; raw=/tmp/measure/split_c$CONC; mkdir -p "$raw/prof" "$OUT"
 N=${N:-$(( CONC < 16 ? 32 : CONC * 16 ))}  # at 256: 4096 requests, ~20 s of load on an H200
 say() { echo "$*" | tee -a "$OUT/split_c$CONC.txt"; }
@@ -22,28 +23,21 @@ server_pid() {  # the vLLM server behind a target
     *) cat "/tmp/bare_${1##*:}.pid" ;;
   esac
 }
-bench() {  # target log
-  (cd /tmp && python3 -m vllm.entrypoints.cli.main bench serve --backend openai-chat --base-url "http://$1" \
-    --endpoint /v1/chat/completions --model qwen3-0.6b --tokenizer /tmp/extra/model --dataset-name random \
-    --random-input-len 256 --random-output-len 128 --num-prompts "$N" --max-concurrency "$CONC" --ignore-eos \
-    --percentile-metrics ttft,tpot,e2el --metric-percentiles 50,99 --num-warmups 4 --disable-tqdm > "$2" 2>&1)
-}
-result() { grep -E "Output token throughput|Median TTFT|P99 TTFT|Median TPOT" "$1" | awk -F: '{gsub(/ +/," ",$2); printf "%s=%s ", $1, $2}'; }
 targets="127.0.0.1:8001 $([ "${DIRECT:-1}" = 1 ] && echo "$child") 127.0.0.1:8000"
 for port in ${EXTRA:-}; do targets="$targets 127.0.0.1:$port"; done
 say "== c=$CONC, $N requests: $targets"
 for r in $(seq 1 "${ROUNDS:-2}"); do
   for target in $targets; do
     log="$raw/r${r}_$(echo "$target" | tr ':.' '__').log"
-    bench "$target" "$log"
-    say "round $r $target $(result "$log")"
+    bench_serve "$target" "$CONC" "$N" "$log"
+    say "round $r $target $(bench_summary "$log")"
   done
 done
 if [ -x "${PYSPY:-}" ]; then
   say "== profiling round: py-spy of each target's engine core and API servers, 8 s under load"
   for target in $targets; do
     name=$(echo "$target" | tr ':.' '__'); log="$raw/prof_$name.log"
-    bench "$target" "$log" &
+    bench_serve "$target" "$CONC" "$N" "$log" &
     for _ in $(seq 1 240); do grep -q "Starting main benchmark" "$log" 2>/dev/null && break; sleep 0.5; done
     sleep 2  # past the client's start (tokenizer, prompts: ~30 s), into the load
     for pid in $(procs "$(server_pid "$target")"); do
@@ -53,7 +47,7 @@ if [ -x "${PYSPY:-}" ]; then
     done
     top -b -n 2 -d 4 -w 200 | awk '/^top -/{n++} n==2' | head -n 40 > "$raw/prof/top_$name.txt"
     wait
-    say "profiled $target $(result "$log")"
+    say "profiled $target $(bench_summary "$log")"
   done
 fi
 say "== the vLLM servers and their children (engine core, API servers)"
