@@ -15,8 +15,8 @@ import uuid
 import ray
 from ray import serve
 
-from serve_app.admission_actor import AdmissionClient, AdmissionDeployment
 from serve_app.config import SINGLE_LOOP_ENV, QueueConfig
+from serve_app.deployments.admission import AdmissionClient, AdmissionDeployment
 
 SECONDS = 10
 

@@ -4,7 +4,7 @@
 # `--scheduling-policy priority`. Run scripts/install.sh first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-MODEL_DIR=$(.venv/bin/python -m serve_app.model_files)
+MODEL_DIR=$(.venv/bin/python -m serve_app.engine.model_files)
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
 exec .venv/bin/python -m vllm.entrypoints.openai.api_server --model "$MODEL_DIR" \
   --served-model-name smollm2-135m-instruct --dtype float32 --max-model-len 2048 --max-num-seqs 64 \

@@ -34,6 +34,6 @@ step "removing torchvision/torchaudio/torchcodec: their builds do not match the 
 "${PIP[@]}" uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 
 step "converting the default model for vLLM (once)"
-"$VENV/bin/python" -m serve_app.model_files
+"$VENV/bin/python" -m serve_app.engine.model_files
 
 step "installed into $VENV"

@@ -35,7 +35,7 @@ from serve_app.bench.load import Target, run_step
 from serve_app.bench.metrics import summarize
 from serve_app.bench.workload import build_requests, load_prompts
 from serve_app.config import LLMConfig
-from serve_app.llm_server import LLMServer
+from serve_app.deployments.llm_server import LLMServer
 
 ENGINE = Path(__file__).with_name("fake_engine.py")
 ENGINE_ARGS_ENV = "RELAY_CEILING_ENGINE_ARGS"

@@ -6,11 +6,11 @@ from typing import Any
 
 from ray.serve import Application, Deployment
 
-from serve_app.admission_actor import AdmissionDeployment
 from serve_app.config import AppArgs, shutdown_timeout_s
-from serve_app.llm_server import LLMDeployment
-from serve_app.metrics_actor import MetricsDeployment
-from serve_app.router import RouterDeployment
+from serve_app.deployments.admission import AdmissionDeployment
+from serve_app.deployments.llm_server import LLMDeployment
+from serve_app.deployments.metrics import MetricsDeployment
+from serve_app.deployments.router import RouterDeployment
 
 
 def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:

@@ -6,9 +6,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from serve_app.model_files import DEFAULT_MODEL_ENGINE_KWARGS, DEFAULT_MODEL_ID, DEFAULT_MODEL_SOURCE
-from serve_app.priority import Priority
-from serve_app.request_queue import ClassLimits
+from serve_app.engine.model_files import DEFAULT_MODEL_ENGINE_KWARGS, DEFAULT_MODEL_ID, DEFAULT_MODEL_SOURCE
+from serve_app.policy.priority import Priority
+from serve_app.policy.request_queue import ClassLimits
 
 
 class StrictModel(BaseModel):
@@ -66,7 +66,7 @@ class AdmissionConfig(StrictModel):
     )
 
 
-QUEUE_AWARE_POLICY = "serve_app.autoscaling:queue_aware_policy"
+QUEUE_AWARE_POLICY = "serve_app.policy.autoscaling:queue_aware_policy"
 
 # Calls beyond generation (health, model list) that a full replica must still accept.
 CONTROL_CALL_HEADROOM = 4
@@ -92,7 +92,7 @@ def shutdown_timeout_s(drain_timeout_s: float) -> float:
 
 
 class AutoscalingConfig(StrictModel):
-    """Replicas follow ongoing plus queued requests (`serve_app.autoscaling`), aiming at `target_ongoing_requests`
+    """Replicas follow ongoing plus queued requests (`serve_app.policy.autoscaling`), aiming at `target_ongoing_requests`
     each; the gateway never sends a replica more than `max_ongoing_requests`."""
 
     min_replicas: int = Field(1, ge=1, description="at least 1: the first request must find a replica to wait for")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from serve_app.api_keys import KeyPolicy, KeyRing, RateLimits, TokenBucket, bearer
 from serve_app.config import AppArgs, AuthConfig
-from serve_app.priority import Priority
+from serve_app.policy.api_keys import KeyPolicy, KeyRing, RateLimits, TokenBucket, bearer
+from serve_app.policy.priority import Priority
 
 
 def test_only_known_keys_are_found_and_the_ring_keeps_no_key_in_clear():

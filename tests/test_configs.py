@@ -12,7 +12,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from serve_app.app import build_app
 from serve_app.config import AppArgs, AutoscalingConfig, LLMConfig
-from serve_app.engine_args import parse_serve_args, to_cli
+from serve_app.engine.args import parse_serve_args, to_cli
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 

@@ -13,9 +13,9 @@ import httpx
 import psutil
 from conftest import free_port, wait_for_server
 
-from serve_app import vllm_compat
-from serve_app.engine_args import serve_argv
-from serve_app.model_files import DEFAULT_MODEL_ENGINE_KWARGS, DEFAULT_MODEL_SOURCE, resolve_model_source
+from serve_app.engine import vllm_compat
+from serve_app.engine.args import serve_argv
+from serve_app.engine.model_files import DEFAULT_MODEL_ENGINE_KWARGS, DEFAULT_MODEL_SOURCE, resolve_model_source
 
 START_TIMEOUT_S = 400
 

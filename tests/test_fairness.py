@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
-from serve_app.admission import Admission
-from serve_app.fairness import TenantCounters
-from serve_app.priority import Priority
-from serve_app.replica_set import ReplicaSet
-from serve_app.request_queue import ClassLimits, PriorityRequestQueue
+from serve_app.deployments.scheduler import Scheduler
+from serve_app.policy.fairness import TenantCounters
+from serve_app.policy.priority import Priority
+from serve_app.policy.replica_set import ReplicaSet
+from serve_app.policy.request_queue import ClassLimits, PriorityRequestQueue
 
 MEDIUM = Priority.MEDIUM
 
@@ -85,7 +85,7 @@ async def test_admission_grants_freed_slots_by_fair_share():
     counters = TenantCounters(initial_estimate=10)
     replicas = ReplicaSet()
     replicas.add("r", "http://r", 1)
-    admission = Admission(fair_queue(counters), replicas, shed=False)
+    admission = Scheduler(fair_queue(counters), replicas, shed=False)
     holder = await admission.acquire(MEDIUM, tenant="heavy")
     waiting = [asyncio.ensure_future(admission.acquire(MEDIUM, tenant=t)) for t in ["heavy", "heavy", "light"]]
     await asyncio.sleep(0)
@@ -98,4 +98,4 @@ async def test_admission_grants_freed_slots_by_fair_share():
     admission.release(waiting[0].result(), tokens=5)
     await asyncio.sleep(0)
     admission.release(waiting[1].result(), tokens=5)
-    assert admission.in_use == 0 and counters.counter("heavy") == 110
+    assert admission.in_flight == 0 and counters.counter("heavy") == 110

@@ -16,8 +16,8 @@ from conftest import free_port, wait_for_server
 from serve_app.bench.load import Target, run_step
 from serve_app.bench.metrics import summarize
 from serve_app.bench.workload import build_requests
-from serve_app.priority import Priority
-from serve_app.router import InFlight, Router
+from serve_app.deployments.router import InFlight, Router
+from serve_app.policy.priority import Priority
 
 ENGINE = Path(__file__).parents[1] / "scripts" / "fake_engine.py"
 

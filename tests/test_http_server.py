@@ -11,7 +11,7 @@ from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from serve_app import http_server
+from serve_app.http import server as http_server
 
 
 class RecordingHandler(logging.Handler):

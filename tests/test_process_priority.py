@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from serve_app import process_priority
+from serve_app.deployments import process_priority
 
 
 def test_every_thread_is_lowered_to_nice_0(monkeypatch: pytest.MonkeyPatch) -> None:

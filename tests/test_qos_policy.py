@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 import pytest
 
-from serve_app import shedding
-from serve_app.concurrency_limit import KneeLimit
-from serve_app.preemption import ASK_TTL_S, choose_victim, pending_asks
-from serve_app.priority import Priority
-from serve_app.replica_set import ReplicaSet, Reservation
+from serve_app.policy import shedding
+from serve_app.policy.concurrency_limit import KneeLimit
+from serve_app.policy.preemption import ASK_TTL_S, choose_victim, pending_asks
+from serve_app.policy.priority import Priority
+from serve_app.policy.replica_set import ReplicaSet, Reservation
 
 
 def engine_tpot(concurrency: float, a: float = 0.010, b: float = 0.001) -> float:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from serve_app.admission_actor import AdmissionActor
 from serve_app.config import QueueConfig
+from serve_app.deployments.admission import AdmissionActor
 
 
 async def _health_server() -> tuple[web.AppRunner, str]:

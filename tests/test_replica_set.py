@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from serve_app.autoscaling import desired_replicas
-from serve_app.replica_set import ReplicaSet
+from serve_app.policy.autoscaling import desired_replicas
+from serve_app.policy.replica_set import ReplicaSet
 
 
 def test_capacity_is_the_sum_and_the_least_loaded_replica_is_picked():

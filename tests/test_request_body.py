@@ -1,8 +1,8 @@
 import pytest
 
 from serve_app.errors import GatewayError
-from serve_app.priority import Priority
-from serve_app.request_body import InvalidBody, check_chat_roles, engine_body
+from serve_app.http.request_body import InvalidBody, check_chat_roles, engine_body
+from serve_app.policy.priority import Priority
 
 
 def test_priority_becomes_vllm_integer_and_input_is_not_mutated():

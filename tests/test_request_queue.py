@@ -2,8 +2,8 @@
 
 import pytest
 
-from serve_app.priority import InvalidPriority, Priority, parse_priority, request_priority
-from serve_app.request_queue import ClassLimits, PriorityRequestQueue, QueueFull
+from serve_app.policy.priority import InvalidPriority, Priority, parse_priority, request_priority
+from serve_app.policy.request_queue import ClassLimits, PriorityRequestQueue, QueueFull
 
 
 def make_queue(max_len: int = 10, max_wait_s: float = 30.0, aging_s: float = 10.0) -> PriorityRequestQueue:

@@ -1,4 +1,4 @@
-from serve_app.stats import GatewayStats, RequestRecord, percentile
+from serve_app.observability.stats import GatewayStats, RequestRecord, percentile
 
 
 def test_percentile_matches_linear_interpolation():
@@ -42,7 +42,7 @@ def test_counts_and_histograms_per_priority():
 def test_opentelemetry_mirror_records_per_priority():
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-    from serve_app.otel import OtelBridge
+    from serve_app.observability.otel import OtelBridge
 
     reader = InMemoryMetricReader()
     bridge = OtelBridge("console", reader=reader)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from serve_app import vllm_compat
+from serve_app.engine import vllm_compat
 
 
 @pytest.mark.parametrize("version", ["0.26.0", "0.32.0", "0.33.1", "0.33.0rc1"])

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from serve_app.bench.clients import RequestResult
-from serve_app.stats import percentile
+from serve_app.observability.stats import percentile
 
 PERCENTILES = (50, 90, 95, 99)
 CLIENT_LAG_BOUND_S = 0.05  # p95 client lag above this flags a run where the client was the bottleneck

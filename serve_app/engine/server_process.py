@@ -2,7 +2,7 @@
 
 import sys
 
-from serve_app import vllm_compat
+from serve_app.engine import vllm_compat
 
 if __name__ == "__main__":  # vLLM's extra API servers start by spawn, which imports this module again
     vllm_compat.run_serve(sys.argv[1:])

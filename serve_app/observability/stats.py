@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from serve_app.priority import Priority
+from serve_app.policy.priority import Priority
 
 Outcome = Literal["completed", "rejected", "cancelled", "error"]
 OUTCOMES: tuple[Outcome, ...] = ("completed", "rejected", "cancelled", "error")

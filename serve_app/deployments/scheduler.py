@@ -15,13 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from serve_app import shedding
-from serve_app.preemption import choose_victim, pending_asks
-from serve_app.priority import Priority
-from serve_app.replica_set import Replica, ReplicaSet
-from serve_app.request_queue import PriorityRequestQueue, QueueFull
+from serve_app.policy import shedding
+from serve_app.policy.preemption import choose_victim, pending_asks
+from serve_app.policy.priority import Priority
+from serve_app.policy.replica_set import Replica, ReplicaSet
+from serve_app.policy.request_queue import PriorityRequestQueue, QueueFull
 
-__all__ = ["Admission", "NotReady", "QueueFull", "QueueTimeout", "Shed", "Slot"]
+__all__ = ["Scheduler", "NotReady", "QueueFull", "QueueTimeout", "Shed", "Slot"]
 
 # Completed requests needed before the mean service time is trusted for shedding.
 SHED_AFTER_SAMPLES = 8
@@ -63,7 +63,7 @@ class Slot:
     preempt_asked_at: float | None = field(default=None)
 
 
-class Admission:
+class Scheduler:
     def __init__(
         self,
         queue: PriorityRequestQueue,
@@ -96,7 +96,7 @@ class Admission:
         return self.replicas.capacity
 
     @property
-    def in_use(self) -> int:
+    def in_flight(self) -> int:
         return self.replicas.in_flight
 
     def replicas_changed(self) -> None:

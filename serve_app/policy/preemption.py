@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Protocol
 
-from serve_app.priority import Priority
+from serve_app.policy.priority import Priority
 
 # An ask that the Router has not answered by releasing the slot within this time counts as refused.
 ASK_TTL_S = 2.0

@@ -13,7 +13,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from serve_app.priority import Priority
+from serve_app.policy.priority import Priority
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from serve_app.fairness import TenantCounters
-from serve_app.priority import Priority
+from serve_app.policy.fairness import TenantCounters
+from serve_app.policy.priority import Priority
 
 
 @dataclass(frozen=True)

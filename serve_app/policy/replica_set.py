@@ -12,8 +12,8 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from serve_app.concurrency_limit import KneeLimit
-from serve_app.priority import Priority
+from serve_app.policy.concurrency_limit import KneeLimit
+from serve_app.policy.priority import Priority
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class Reservation:
 
     def allowed(self, limit: int, priority: Priority, in_use: Callable[[Priority], bool] | None = None) -> int:
         """Slots of `limit` that `priority` may fill: all but the shares of the classes above it that are in use
-        (`in_use(k)`: a request of class k or above arrived lately; None: all are). At least one, so a class
+        (`in_use(k)`, from `ReplicaSet.active_classes`: a request of class k or above arrived lately; None: all are). At least one, so a class
         never waits on an idle replica."""
         share = sum(s for k, s in self.shares.items() if k < priority and (in_use is None or in_use(k)))
         if share <= 0 or limit <= 1:
@@ -135,7 +135,7 @@ class ReplicaSet:
         """A request of this class arrived: the shares held for it are held from now for `hold_s`."""
         self._last_arrival[priority] = now
 
-    def in_use(self, now: float | None) -> Callable[[Priority], bool] | None:
+    def active_classes(self, now: float | None) -> Callable[[Priority], bool] | None:
         """Which reserved shares are held at `now`: that of class k while k or a class above it arrived within
         `hold_s`. None (every share held) without a time or a `hold_s`."""
         hold_s = self.reservation.hold_s
@@ -152,18 +152,18 @@ class ReplicaSet:
         return min((at + hold_s for at in self._last_arrival.values() if at + hold_s > now), default=None)
 
     def room(self, replica: Replica, priority: Priority, now: float | None = None) -> int:
-        return self._room(replica, priority, self.in_use(now))
+        return self._room(replica, priority, self.active_classes(now))
 
     def _room(self, replica: Replica, priority: Priority, in_use: Callable[[Priority], bool] | None) -> int:
         return self.reservation.allowed(replica.limit, priority, in_use) - replica.in_flight
 
     def can_take(self, priority: Priority, now: float | None = None) -> bool:
-        in_use = self.in_use(now)
+        in_use = self.active_classes(now)
         return any(self._room(r, priority, in_use) > 0 for r in self._replicas.values())
 
     def take(self, priority: Priority = Priority.HIGH, now: float | None = None) -> Replica | None:
         """One slot on the replica with the most room for this class, or None when none has room."""
-        in_use = self.in_use(now)  # once per call, not once per replica
+        in_use = self.active_classes(now)  # once per call, not once per replica
         rooms = ((r, self._room(r, priority, in_use)) for r in self._replicas.values())
         best, room = max(rooms, key=lambda pair: pair[1], default=(None, 0))
         if best is None or room <= 0:

@@ -24,15 +24,16 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from serve_app import http_server, process_priority
-from serve_app.admission_actor import NOT_READY_RETRY_S, AdmissionClient
-from serve_app.api_keys import KeyPolicy, KeyRing, bearer
 from serve_app.config import NO_ACCESS_LOG, SINGLE_LOOP_ENV, AppArgs
+from serve_app.deployments import process_priority
+from serve_app.deployments.admission import NOT_READY_RETRY_S, AdmissionClient
 from serve_app.errors import GatewayError
-from serve_app.metrics_reporter import MetricsReporter
-from serve_app.priority import PRIORITY_HEADER, InvalidPriority, Priority, parse_priority, request_priority
-from serve_app.request_body import InvalidBody, check_chat_roles, engine_body
-from serve_app.stats import Outcome, RequestRecord
+from serve_app.http import server as http_server
+from serve_app.http.request_body import InvalidBody, check_chat_roles, engine_body
+from serve_app.observability.reporter import MetricsReporter
+from serve_app.observability.stats import Outcome, RequestRecord
+from serve_app.policy.api_keys import KeyPolicy, KeyRing, bearer
+from serve_app.policy.priority import PRIORITY_HEADER, InvalidPriority, Priority, parse_priority, request_priority
 
 logger = logging.getLogger("ray.serve")
 

@@ -23,23 +23,23 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
-from serve_app import process_priority
-from serve_app.admission import Admission, NotReady, QueueFull, QueueTimeout, Shed, Slot
-from serve_app.api_keys import RateLimits
-from serve_app.concurrency_limit import KneeLimit
 from serve_app.config import NO_ACCESS_LOG, SINGLE_LOOP_ENV, AdmissionConfig, QueueConfig
+from serve_app.deployments import process_priority
+from serve_app.deployments.scheduler import NotReady, QueueFull, QueueTimeout, Scheduler, Shed, Slot
 from serve_app.errors import GatewayError
-from serve_app.fairness import TenantCounters
-from serve_app.priority import Priority
-from serve_app.replica_set import Replica, ReplicaSet, Reservation
-from serve_app.request_queue import PriorityRequestQueue
+from serve_app.policy.api_keys import RateLimits
+from serve_app.policy.concurrency_limit import KneeLimit
+from serve_app.policy.fairness import TenantCounters
+from serve_app.policy.priority import Priority
+from serve_app.policy.replica_set import Replica, ReplicaSet, Reservation
+from serve_app.policy.request_queue import PriorityRequestQueue
 
 logger = logging.getLogger("ray.serve")
 
 NOT_READY_RETRY_S = 5
 
 
-def build_admission(queue: QueueConfig, config: AdmissionConfig) -> Admission:
+def build_scheduler(queue: QueueConfig, config: AdmissionConfig) -> Scheduler:
     """The policies that the config names, put together."""
     limiter = None
     if config.adaptive_limit:
@@ -50,7 +50,7 @@ def build_admission(queue: QueueConfig, config: AdmissionConfig) -> Admission:
     replicas = ReplicaSet(
         Reservation.for_classes(config.reserved.high, config.reserved.medium, config.reserved.hold_s), limiter
     )
-    return Admission(
+    return Scheduler(
         PriorityRequestQueue(queue.limits(), queue.aging_s, TenantCounters() if config.fair_share else None),
         replicas,
         shed=config.shed_on_predicted_wait,
@@ -67,10 +67,10 @@ class AdmissionActor:
         rate_limits: dict[str, tuple[float | None, float | None]] | None = None,
     ) -> None:
         process_priority.restore_for_process("Admission")
-        self.admission = build_admission(queue, config or AdmissionConfig())
+        self.scheduler = build_scheduler(queue, config or AdmissionConfig())
         self.rates = RateLimits(rate_limits or {})
         self._tenants: dict[str, str] = {}  # API key name, by request id, to charge its output tokens
-        self.admission.on_preempt = self._ask_to_preempt
+        self.scheduler.on_preempt = self._ask_to_preempt
         self._mailboxes: dict[str, list[str]] = {}  # preemption asks, by router id
         self._mail = asyncio.Event()
         self._slots: dict[str, Slot] = {}  # granted, by request id
@@ -103,7 +103,7 @@ class AdmissionActor:
                     retry_after_s=max(1, math.ceil(wait_s)),
                     kind="rate_limited",
                 )
-        task = asyncio.ensure_future(self.admission.acquire(prio, front=front, tenant=tenant or ""))
+        task = asyncio.ensure_future(self.scheduler.acquire(prio, front=front, tenant=tenant or ""))
         self._waiting[request_id] = task
         try:
             slot = await task
@@ -126,7 +126,7 @@ class AdmissionActor:
             self._waiting.pop(request_id, None)
         if request_id in self._released_early:  # the Router gave up while the grant was on its way
             self._released_early.discard(request_id)
-            self.admission.release(slot)
+            self.scheduler.release(slot)
             raise GatewayError(499, "the client left while queued", kind="client_gone")
         if router_id is not None:
             slot.owner = (router_id, request_id)
@@ -145,7 +145,7 @@ class AdmissionActor:
                 self.rates.charge_tokens(tenant, tokens or 0, time.monotonic())
             slot = self._slots.pop(request_id, None)
             if slot is not None:
-                self.admission.release(slot, per_token_s, tokens)
+                self.scheduler.release(slot, per_token_s, tokens)
                 continue
             task = self._waiting.get(request_id)
             if task is not None:
@@ -172,50 +172,50 @@ class AdmissionActor:
     # ---- replicas ------------------------------------------------------------------------------
 
     async def register_replica(self, replica_id: str, url: str, max_ongoing: int) -> None:
-        self.admission.replicas.add(replica_id, url, max_ongoing)
+        self.scheduler.replicas.add(replica_id, url, max_ongoing)
         self._ever_ready = True
         logger.info("replica %s at %s joined with %d slots", replica_id, url, max_ongoing)
-        self.admission.replicas_changed()
+        self.scheduler.replicas_changed()
         if self._checker is None:
             self._checker = asyncio.ensure_future(self._check_replicas())
 
     async def ensure_replica(self, replica_id: str, url: str, max_ongoing: int) -> None:
         """Registers a healthy replica that the keeper does not know: after the keeper restarted, or after
         a check dropped it for a passing fault. A known replica keeps its slot counts."""
-        if self.admission.replicas.get(replica_id) is None:
+        if self.scheduler.replicas.get(replica_id) is None:
             await self.register_replica(replica_id, url, max_ongoing)
 
     async def drain_replica(self, replica_id: str) -> int:
         """The replica is stopping: no new request goes there. Returns how many it still runs; it leaves
         (`deregister_replica`) once they are done, so their releases still count. Idempotent."""
-        replica = self.admission.replicas.get(replica_id)
+        replica = self.scheduler.replicas.get(replica_id)
         if replica is None:
             return 0
         if not replica.draining:  # the replica asks again while it waits: only the first ask changes anything
-            self.admission.replicas.drain(replica_id)
+            self.scheduler.replicas.drain(replica_id)
             logger.info("replica %s drains %d requests", replica_id, replica.in_flight)
-            self.admission.replicas_changed()
+            self.scheduler.replicas_changed()
         return replica.in_flight
 
     async def deregister_replica(self, replica_id: str) -> None:
-        if self.admission.replicas.remove(replica_id) is not None:
+        if self.scheduler.replicas.remove(replica_id) is not None:
             logger.info("replica %s left", replica_id)
-            self.admission.replicas_changed()
+            self.scheduler.replicas_changed()
 
     async def report_failure(self, url: str) -> None:
         """A Router could not reach this replica, or saw its engine fail: if it also fails a health check,
         stop dispatching there until it registers again. One refused or reset connection under load is not
         enough: on an H200 at 80 requests/s that took the only replica out for 5 s and failed its queue."""
-        replica = self.admission.replicas.by_url(url)
+        replica = self.scheduler.replicas.by_url(url)
         if replica is None or await self._answers_health(url):
             return
         self._remove_failed(replica)
 
     def _remove_failed(self, replica: Replica) -> None:
-        if self.admission.replicas.remove(replica.replica_id) is None:
+        if self.scheduler.replicas.remove(replica.replica_id) is None:
             return
         logger.warning("replica %s at %s failed; no more requests go there", replica.replica_id, replica.url)
-        self.admission.replicas_changed()
+        self.scheduler.replicas_changed()
 
     async def _answers_health(self, url: str) -> bool:
         try:
@@ -231,7 +231,7 @@ class AdmissionActor:
         async with aiohttp.ClientSession(timeout=timeout) as session:
             while True:
                 await asyncio.sleep(self._replica_check_s)
-                for replica in self.admission.replicas:
+                for replica in self.scheduler.replicas:
                     try:
                         async with session.get(f"{replica.url}/health") as response:
                             ok = response.status == 200
@@ -244,30 +244,30 @@ class AdmissionActor:
 
     async def replica_load(self, replica_id: str) -> dict[str, int]:
         """For the autoscaler: requests on this replica, and everything waiting at the gateway."""
-        replica = self.admission.replicas.get(replica_id)
-        return {"in_flight": replica.in_flight if replica else 0, "queued": len(self.admission.queue)}
+        replica = self.scheduler.replicas.get(replica_id)
+        return {"in_flight": replica.in_flight if replica else 0, "queued": len(self.scheduler.queue)}
 
     async def state(self) -> dict[str, Any]:
-        admission = self.admission
-        queue = admission.queue
+        scheduler = self.scheduler
+        queue = scheduler.queue
         tpots = [
-            r.limiter.unloaded_per_token_s for r in admission.replicas if r.limiter and r.limiter.unloaded_per_token_s
+            r.limiter.unloaded_per_token_s for r in scheduler.replicas if r.limiter and r.limiter.unloaded_per_token_s
         ]
         return {
             **{f"queued_{p.label}": queue.depth(p) for p in Priority},
-            "in_flight": admission.in_use,
-            "concurrency_limit": admission.replicas.limit,
-            "capacity": admission.capacity,
-            "replicas": admission.replicas.serving,
-            "replicas_draining": len(admission.replicas) - admission.replicas.serving,
-            "drain_rate_per_s": round(admission.drain_rate(), 3),
+            "in_flight": scheduler.in_flight,
+            "concurrency_limit": scheduler.replicas.limit,
+            "capacity": scheduler.capacity,
+            "replicas": scheduler.replicas.serving,
+            "replicas_draining": len(scheduler.replicas) - scheduler.replicas.serving,
+            "drain_rate_per_s": round(scheduler.drain_rate(), 3),
             "unloaded_ms_per_token": round(min(tpots) * 1000, 3) if tpots else 0,
-            **{f"preempt_asks_{p.label}": admission.preempt_asks[p] for p in Priority},
-            **{f"shed_at_arrival_{p.label}": admission.shed_count[p] for p in Priority},
+            **{f"preempt_asks_{p.label}": scheduler.preempt_asks[p] for p in Priority},
+            **{f"shed_at_arrival_{p.label}": scheduler.shed_count[p] for p in Priority},
         }
 
     def _not_ready_message(self, exc: NotReady) -> str:
-        if len(self.admission.replicas):  # some are left, all of them draining
+        if len(self.scheduler.replicas):  # some are left, all of them draining
             return "the model replicas are shutting down"
         if self._ever_ready:
             return "no model replica is serving right now: recovering after a replica failure or restart"

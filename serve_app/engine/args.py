@@ -40,7 +40,7 @@ def _engine_flags(engine_kwargs: dict[str, Any]) -> list[str]:
 
 def parse_serve_args(model: str, served_model_name: str, engine_kwargs: dict[str, Any]) -> argparse.Namespace:
     """What `vllm serve` will make of the options: fails early, with vLLM's own message, on a bad one."""
-    from serve_app import vllm_compat
+    from serve_app.engine import vllm_compat
 
     argv = ["--model", model, "--served-model-name", served_model_name, *_engine_flags(engine_kwargs)]
     return vllm_compat.parse_serve_cli(argv)

@@ -27,11 +27,12 @@ import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from serve_app import process_priority, vllm_compat
-from serve_app.admission_actor import AdmissionClient
 from serve_app.config import NO_ACCESS_LOG, LLMConfig
-from serve_app.engine_args import parse_serve_args, serve_argv
-from serve_app.model_files import resolve_model_source
+from serve_app.deployments import process_priority
+from serve_app.deployments.admission import AdmissionClient
+from serve_app.engine import vllm_compat
+from serve_app.engine.args import parse_serve_args, serve_argv
+from serve_app.engine.model_files import resolve_model_source
 
 logger = logging.getLogger("ray.serve")
 
@@ -102,7 +103,7 @@ class LLMServer:
             await self.admission.call("ensure_replica", self.replica_id, self.url, self.max_ongoing)
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
-        """What `serve_app.autoscaling` scales on: requests running here, and the gateway's queue."""
+        """What `serve_app.policy.autoscaling` scales on: requests running here, and the gateway's queue."""
         load = await self.admission.call("replica_load", self.replica_id)
         return {"ongoing": float(load["in_flight"]), "queued": float(load["queued"])}
 

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from serve_app.stats import RequestRecord
+from serve_app.observability.stats import RequestRecord
 
 logger = logging.getLogger("ray.serve")
 

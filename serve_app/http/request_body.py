@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from serve_app.priority import PRIORITY_FIELD, Priority
+from serve_app.policy.priority import PRIORITY_FIELD, Priority
 
 # The roles OpenAI's chat API accepts; vLLM lets any string through, OpenAI answers 400.
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from serve_app.stats import RequestRecord
+from serve_app.observability.stats import RequestRecord
 
 
 class OtelBridge:
