@@ -16,7 +16,9 @@ import ray
 from ray import serve
 
 from serve_app.config import SINGLE_LOOP_ENV, QueueConfig
-from serve_app.deployments.admission import AdmissionClient, AdmissionDeployment
+from serve_app.deployments.admission import AdmissionDeployment
+from serve_app.deployments.admission_client import AdmissionClient
+from serve_app.policy.priority import Priority
 
 SECONDS = 10
 
@@ -27,7 +29,7 @@ class Driver:
         self.admission = AdmissionClient(admission)
 
     async def run(self, concurrency: int, name: str) -> dict:
-        await self.admission.call("register_replica", name, f"http://{name}", concurrency)
+        await self.admission.register_replica(name, f"http://{name}", concurrency)
         waits: list[float] = []
         done = 0
         end = time.monotonic() + SECONDS
@@ -36,7 +38,7 @@ class Driver:
             nonlocal done
             while time.monotonic() < end:
                 request_id, asked = uuid.uuid4().hex, time.monotonic()
-                await self.admission.call("acquire", request_id, 1)
+                await self.admission.acquire(request_id, Priority.MEDIUM)
                 waits.append(time.monotonic() - asked)
                 await asyncio.sleep(0.01)
                 self.admission.release(request_id)

@@ -16,8 +16,7 @@ from conftest import free_port, wait_for_server
 from serve_app.bench.load import Target, run_step
 from serve_app.bench.metrics import summarize
 from serve_app.bench.workload import build_requests
-from serve_app.deployments.router import InFlight, Router
-from serve_app.policy.priority import Priority
+from serve_app.http import relay
 
 ENGINE = Path(__file__).parents[1] / "scripts" / "fake_engine.py"
 
@@ -54,9 +53,8 @@ def test_a_stream_is_framed_as_vllm_frames_it(engine):
     assert parsed[-2]["choices"][0]["finish_reason"] == "length"
     assert parsed[-1]["usage"]["completion_tokens"] == 10 and parsed[-1]["choices"] == []
     # The Router reads the count from the usage event and drops the event for a client that did not ask for it.
-    flight = InFlight(Priority.MEDIUM, "chat", 0.0, lambda *_: None, client_wants_usage=False)
-    relayed = Router._take_usage(flight, text.encode())
-    assert flight.output_tokens == 10 and b'"usage"' not in relayed and relayed.endswith(b"data: [DONE]\n\n")
+    relayed, tokens = relay.take_usage(text.encode(), keep=False)
+    assert tokens == 10 and b'"usage"' not in relayed and relayed.endswith(b"data: [DONE]\n\n")
 
 
 def test_the_bench_client_counts_every_token_and_the_gauges_return_to_zero(engine):

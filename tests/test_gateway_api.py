@@ -193,4 +193,4 @@ def test_stats_and_metrics_count_per_priority(gateway):
     line = f'gateway_requests_total{{priority="high",outcome="completed"}} {after["high"]["completed"]}'
     assert line in text
     assert 'gateway_e2e_latency_seconds_bucket{priority="low",le="+Inf"}' in text
-    assert 'gateway_errors_total{priority="low",outcome="error",kind="notfound"}' in text
+    assert 'gateway_errors_total{priority="low",outcome="error",kind="not_found"}' in text

@@ -21,22 +21,21 @@ import aiohttp
 import ray
 from ray import serve
 from ray.exceptions import RayActorError
-from ray.serve.handle import DeploymentHandle
 
 from serve_app.config import NO_ACCESS_LOG, SINGLE_LOOP_ENV, AdmissionConfig, QueueConfig
 from serve_app.deployments import process_priority
-from serve_app.deployments.scheduler import NotReady, QueueFull, QueueTimeout, Scheduler, Shed, Slot
-from serve_app.errors import GatewayError
+from serve_app.deployments.admission_client import Grant
+from serve_app.deployments.scheduler import Scheduler, Slot
+from serve_app.errors import ErrorKind, GatewayError, refusal_error
 from serve_app.policy.api_keys import RateLimits
 from serve_app.policy.concurrency_limit import KneeLimit
 from serve_app.policy.fairness import TenantCounters
 from serve_app.policy.priority import Priority
+from serve_app.policy.refusals import NotReady, Refused
 from serve_app.policy.replica_set import Replica, ReplicaSet, Reservation
 from serve_app.policy.request_queue import PriorityRequestQueue
 
 logger = logging.getLogger("ray.serve")
-
-NOT_READY_RETRY_S = 5
 
 
 def build_scheduler(queue: QueueConfig, config: AdmissionConfig) -> Scheduler:
@@ -89,7 +88,7 @@ class AdmissionActor:
         router_id: str | None = None,
         front: bool = False,
         tenant: str | None = None,
-    ) -> dict[str, Any]:
+    ) -> Grant:
         """Waits for a slot; returns the replica's URL and the wait. Raises GatewayError (429/503).
         `router_id` makes the request preemptible: asks reach that Router through `preemptions`.
         `tenant`: the API key's name, whose rate limits apply (here, so that they hold across Routers)."""
@@ -101,7 +100,7 @@ class AdmissionActor:
                     429,
                     f"the rate limit of API key '{tenant}' is reached; retry later",
                     retry_after_s=max(1, math.ceil(wait_s)),
-                    kind="rate_limited",
+                    kind=ErrorKind.RATE_LIMITED,
                 )
         task = asyncio.ensure_future(self.scheduler.acquire(prio, front=front, tenant=tenant or ""))
         self._waiting[request_id] = task
@@ -110,30 +109,22 @@ class AdmissionActor:
         except asyncio.CancelledError:
             self._released_early.discard(request_id)
             raise
-        except Shed as exc:
-            raise GatewayError(429, f"{exc}; retry later", retry_after_s=exc.retry_after_s, kind="shed") from None
-        except QueueFull as exc:
-            raise GatewayError(429, f"{exc}; retry later", retry_after_s=exc.retry_after_s, kind="queue_full") from None
-        except QueueTimeout as exc:
-            raise GatewayError(
-                429, f"{exc}; retry later", retry_after_s=exc.retry_after_s, kind="queue_timeout"
-            ) from None
         except NotReady as exc:
-            raise GatewayError(
-                503, self._not_ready_message(exc), retry_after_s=NOT_READY_RETRY_S, kind="not_ready"
-            ) from None
+            raise refusal_error(exc, self._not_ready_message()) from None
+        except Refused as exc:
+            raise refusal_error(exc) from None
         finally:
             self._waiting.pop(request_id, None)
         if request_id in self._released_early:  # the Router gave up while the grant was on its way
             self._released_early.discard(request_id)
             self.scheduler.release(slot)
-            raise GatewayError(499, "the client left while queued", kind="client_gone")
+            raise GatewayError(499, "the client left while queued", kind=ErrorKind.CLIENT_GONE_WHILE_QUEUED)
         if router_id is not None:
             slot.owner = (router_id, request_id)
         if tenant is not None:
             self._tenants[request_id] = tenant
         self._slots[request_id] = slot
-        return {"url": slot.replica.url, "queue_wait_s": slot.queue_wait_s}
+        return Grant(slot.replica.url, slot.queue_wait_s)
 
     async def release_many(self, releases: list[tuple[str, float | None, int | None]]) -> None:
         """(request id, its service time per output token or None, its output tokens or None) triples.
@@ -266,7 +257,7 @@ class AdmissionActor:
             **{f"shed_at_arrival_{p.label}": scheduler.shed_count[p] for p in Priority},
         }
 
-    def _not_ready_message(self, exc: NotReady) -> str:
+    def _not_ready_message(self) -> str:
         if len(self.scheduler.replicas):  # some are left, all of them draining
             return "the model replicas are shutting down"
         if self._ever_ready:
@@ -299,47 +290,6 @@ class AdmissionOwner:
 
     async def check_health(self) -> None:
         await self.keeper.state.remote()
-
-
-class AdmissionClient:
-    """What Routers and LLMServers hold: direct calls to the slot keeper, found again after a restart,
-    and releases sent in batches: one call in flight at a time carries every release made meanwhile."""
-
-    def __init__(self, owner: DeploymentHandle) -> None:
-        self._owner = owner
-        self._keeper: Any = None
-        self._releases: list[tuple[str, float | None, int | None]] = []
-        self._releasing = False
-        self._sender: asyncio.Future[None] | None = None
-
-    async def call(self, method: str, *args: Any) -> Any:
-        for attempt in (1, 2):
-            if self._keeper is None:
-                self._keeper = await self._owner.keeper_handle.remote()
-            try:
-                return await getattr(self._keeper, method).remote(*args)
-            except RayActorError:
-                self._keeper = None  # restarted with the Admission replica: ask its owner again
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
-
-    def release(self, request_id: str, per_token_s: float | None = None, tokens: int | None = None) -> None:
-        self._releases.append((request_id, per_token_s, tokens))
-        if not self._releasing:
-            self._releasing = True
-            self._sender = asyncio.ensure_future(self._send_releases())  # held: the loop keeps weak references
-
-    async def _send_releases(self) -> None:
-        try:
-            while self._releases:
-                batch, self._releases = self._releases, []
-                try:
-                    await self.call("release_many", batch)
-                except Exception:  # a new keeper has no slots to free; nothing is lost by dropping these
-                    logger.exception("releasing %d slots failed", len(batch))
-        finally:
-            self._releasing = False
 
 
 AdmissionDeployment = serve.deployment(

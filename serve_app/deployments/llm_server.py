@@ -29,7 +29,7 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app.config import NO_ACCESS_LOG, LLMConfig
 from serve_app.deployments import process_priority
-from serve_app.deployments.admission import AdmissionClient
+from serve_app.deployments.admission_client import AdmissionClient
 from serve_app.engine import vllm_compat
 from serve_app.engine.args import parse_serve_args, serve_argv
 from serve_app.engine.model_files import resolve_model_source
@@ -65,7 +65,7 @@ class LLMServer:
         self.max_ongoing = config.autoscaling.max_ongoing_requests
         self.drain_timeout_s = drain_timeout_s
         self.leaving = False
-        await self.admission.call("register_replica", self.replica_id, self.url, self.max_ongoing)
+        await self.admission.register_replica(self.replica_id, self.url, self.max_ongoing)
         logger.info("LLMServer for %s ready at %s in %.1fs", config.model_id, self.url, time.monotonic() - started)
 
     def server_command(self, config: LLMConfig, host: str, port: int) -> list[str]:
@@ -100,11 +100,11 @@ class LLMServer:
             if response.status != 200:
                 raise EngineExited(f"vLLM's server answers /health with {response.status}")
         if not self.leaving:  # healthy: make sure Admission dispatches here (it may have restarted)
-            await self.admission.call("ensure_replica", self.replica_id, self.url, self.max_ongoing)
+            await self.admission.ensure_replica(self.replica_id, self.url, self.max_ongoing)
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """What `serve_app.policy.autoscaling` scales on: requests running here, and the gateway's queue."""
-        load = await self.admission.call("replica_load", self.replica_id)
+        load = await self.admission.replica_load(self.replica_id)
         return {"ongoing": float(load["in_flight"]), "queued": float(load["queued"])}
 
     async def __del__(self) -> None:
@@ -134,7 +134,7 @@ class LLMServer:
         if running:
             logger.warning("stopping with requests unfinished after %.0fs of draining", self.drain_timeout_s)
         try:
-            await asyncio.wait_for(self.admission.call("deregister_replica", self.replica_id), timeout=5)
+            await asyncio.wait_for(self.admission.deregister_replica(self.replica_id), timeout=5)
         except Exception:
             pass
 
@@ -148,7 +148,7 @@ class LLMServer:
             return 0
         granted = 0
         try:  # bounded: when the whole app stops, Admission may be stopping too and never answer
-            granted = await asyncio.wait_for(self.admission.call("drain_replica", self.replica_id), timeout=2)
+            granted = await asyncio.wait_for(self.admission.drain_replica(self.replica_id), timeout=2)
         except Exception:  # Admission is gone too: the engine's own count still tells
             pass
         try:

@@ -18,35 +18,14 @@ from typing import Any
 from serve_app.policy import shedding
 from serve_app.policy.preemption import choose_victim, pending_asks
 from serve_app.policy.priority import Priority
+from serve_app.policy.refusals import NotReady, QueueFull, QueueTimeout, Shed
 from serve_app.policy.replica_set import Replica, ReplicaSet
-from serve_app.policy.request_queue import PriorityRequestQueue, QueueFull
+from serve_app.policy.request_queue import PriorityRequestQueue
 
 __all__ = ["Scheduler", "NotReady", "QueueFull", "QueueTimeout", "Shed", "Slot"]
 
 # Completed requests needed before the mean service time is trusted for shedding.
 SHED_AFTER_SAMPLES = 8
-
-
-class NotReady(Exception):
-    """No LLM replica can take work yet (starting up, or all gone)."""
-
-
-class QueueTimeout(Exception):
-    def __init__(self, priority: Priority, waited_s: float, retry_after_s: int) -> None:
-        super().__init__(f"waited {waited_s:.1f}s in the {priority.label} priority queue without a free replica slot")
-        self.priority = priority
-        self.waited_s = waited_s
-        self.retry_after_s = retry_after_s
-
-
-class Shed(Exception):
-    def __init__(self, priority: Priority, predicted_s: float, max_wait_s: float, retry_after_s: int) -> None:
-        super().__init__(
-            f"the {priority.label} priority queue would take about {predicted_s:.0f}s, "
-            f"more than its {max_wait_s:.0f}s bound"
-        )
-        self.priority = priority
-        self.retry_after_s = retry_after_s
 
 
 @dataclass(eq=False)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from serve_app.policy.priority import PRIORITY_FIELD, Priority
+from serve_app.errors import GatewayError
+from serve_app.policy.api_keys import KeyPolicy
+from serve_app.policy.priority import PRIORITY_FIELD, InvalidPriority, Priority, request_priority
 
 # The roles OpenAI's chat API accepts; vLLM lets any string through, OpenAI answers 400.
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
@@ -27,6 +29,22 @@ def check_chat_roles(body: dict[str, Any]) -> None:
             raise InvalidBody(
                 f"messages[{i}].role {role!r} is not one of {', '.join(sorted(CHAT_ROLES))}", f"messages[{i}].role"
             )
+
+
+def checked_class(endpoint: str, body: dict[str, Any], header: str | None, key: KeyPolicy | None) -> Priority:
+    """The class a request runs at, after the checks the gateway makes itself (400s that name the field): a
+    chat message's role, and the class it asks for (the X-Priority header, else the body's `priority`). A
+    class above the API key's highest is capped to it."""
+    if endpoint == "chat":
+        try:
+            check_chat_roles(body)
+        except InvalidBody as exc:
+            raise GatewayError(400, str(exc), param=exc.param) from None
+    try:
+        wanted = request_priority(header, body)
+    except InvalidPriority as exc:
+        raise GatewayError(400, str(exc), param="priority") from None
+    return key.cap(wanted) if key else wanted
 
 
 # Fields LangChain users send through `extra_body` to switch Qwen3's thinking on or off.

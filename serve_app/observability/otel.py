@@ -35,7 +35,7 @@ class OtelBridge:
 
     def record(self, record: RequestRecord) -> None:
         attributes = {"priority": record.priority, "outcome": record.outcome}
-        self.requests.add(1, {**attributes, "kind": record.kind or ""})
+        self.requests.add(1, {**attributes, "kind": record.kind.value if record.kind else ""})
         for name, instrument in self.latency.items():
             value = getattr(record, name)
             if value is not None:

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from serve_app.errors import ErrorKind
 from serve_app.policy.priority import Priority
 
 Outcome = Literal["completed", "rejected", "cancelled", "error"]
@@ -36,7 +37,7 @@ class RequestRecord:
 
     priority: str
     outcome: Outcome
-    kind: str | None = None  # why it was rejected or failed, e.g. queue_full, engine_error
+    kind: ErrorKind | None = None  # why it was rejected, cancelled or failed
     endpoint: str = "chat"
     admitted: bool = False  # it got a replica slot
     queue_wait_s: float | None = None
@@ -46,8 +47,12 @@ class RequestRecord:
     preemptions: int = 0  # times it gave up its slot, before its first token, to a waiting high request
     retried: bool = False  # sent again after its replica failed before the first byte
 
+    def __post_init__(self) -> None:
+        if self.kind is not None:
+            self.kind = ErrorKind(self.kind)  # from a dict that crossed Ray as plain data
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "kind": self.kind and self.kind.value}
 
 
 @dataclass

@@ -15,6 +15,7 @@ from typing import Any
 
 from serve_app.policy.fairness import TenantCounters
 from serve_app.policy.priority import Priority
+from serve_app.policy.refusals import QueueFull
 
 
 @dataclass(frozen=True)
@@ -35,13 +36,6 @@ class Waiter:
 
     def waited(self, now: float) -> float:
         return now - self.enqueued_at
-
-
-class QueueFull(Exception):
-    def __init__(self, priority: Priority, retry_after_s: int) -> None:
-        super().__init__(f"the {priority.label} priority queue is full")
-        self.priority = priority
-        self.retry_after_s = retry_after_s
 
 
 class PriorityRequestQueue:

@@ -1,0 +1,121 @@
+"""What Routers and LLMServers hold to reach the Admission actor: one typed method per call.
+
+Calls go straight to the actor (a plain actor call measured 2.4x cheaper than one through a Serve
+handle), and the actor is found again through its deployment after a restart. Releases are sent in
+batches: one call in flight at a time carries every release made meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from ray.exceptions import RayActorError
+
+from serve_app.policy.priority import Priority
+
+logger = logging.getLogger("ray.serve")
+
+Release = tuple[str, "float | None", "int | None"]  # request id, service time per output token, output tokens
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A slot on one LLM replica: where to send the request, and how long it waited for the slot."""
+
+    url: str
+    queue_wait_s: float
+
+
+class AdmissionClient:
+    def __init__(self, owner: Any, *, actor: Any = None) -> None:
+        """`owner`: the Admission deployment's handle. `actor`: an AdmissionActor object to call in this
+        process instead (tests, and harnesses without Ray): the same calls, without the transport."""
+        self._owner = owner
+        self._local = actor
+        self._actor: Any = None
+        self._releases: list[Release] = []
+        self._releasing = False
+        self._sender: asyncio.Future[None] | None = None
+
+    @classmethod
+    def in_process(cls, actor: Any) -> AdmissionClient:
+        return cls(None, actor=actor)
+
+    # ---- per request ---------------------------------------------------------------------------
+
+    async def acquire(
+        self,
+        request_id: str,
+        priority: Priority,
+        router_id: str | None = None,
+        front: bool = False,
+        tenant: str | None = None,
+    ) -> Grant:
+        """Waits for a slot. Raises GatewayError: 429 (overload, with Retry-After), 503 (not ready).
+        `router_id` makes the request preemptible; `front` queues it at the head of its class (a retry or a
+        restart); `tenant` is whose request it is, for fair shares and the key's rate limits."""
+        return await self._call("acquire", request_id, int(priority), router_id, front, tenant)
+
+    def release(self, request_id: str, per_token_s: float | None = None, tokens: int | None = None) -> None:
+        """Gives back a slot, or gives up on one still being waited for; idempotent. Returns at once."""
+        self._releases.append((request_id, per_token_s, tokens))
+        if not self._releasing:
+            self._releasing = True
+            self._sender = asyncio.ensure_future(self._send_releases())  # held: the loop keeps weak references
+
+    async def preemptions(self, router_id: str) -> list[str]:
+        """Waits until Admission asks this Router to give up slots; returns those requests' ids."""
+        return await self._call("preemptions", router_id)
+
+    async def report_failure(self, url: str) -> None:
+        await self._call("report_failure", url)
+
+    async def state(self) -> dict[str, Any]:
+        return await self._call("state")
+
+    # ---- replicas ------------------------------------------------------------------------------
+
+    async def register_replica(self, replica_id: str, url: str, max_ongoing: int) -> None:
+        await self._call("register_replica", replica_id, url, max_ongoing)
+
+    async def ensure_replica(self, replica_id: str, url: str, max_ongoing: int) -> None:
+        await self._call("ensure_replica", replica_id, url, max_ongoing)
+
+    async def drain_replica(self, replica_id: str) -> int:
+        return await self._call("drain_replica", replica_id)
+
+    async def deregister_replica(self, replica_id: str) -> None:
+        await self._call("deregister_replica", replica_id)
+
+    async def replica_load(self, replica_id: str) -> dict[str, int]:
+        return await self._call("replica_load", replica_id)
+
+    # ---- transport -----------------------------------------------------------------------------
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        if self._local is not None:
+            return await getattr(self._local, method)(*args)
+        for attempt in (1, 2):
+            if self._actor is None:
+                self._actor = await self._owner.keeper_handle.remote()
+            try:
+                return await getattr(self._actor, method).remote(*args)
+            except RayActorError:
+                self._actor = None  # restarted with the Admission replica: ask its deployment again
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _send_releases(self) -> None:
+        try:
+            while self._releases:
+                batch, self._releases = self._releases, []
+                try:
+                    await self._call("release_many", batch)
+                except Exception:  # a new actor has no slots to free; nothing is lost by dropping these
+                    logger.exception("releasing %d slots failed", len(batch))
+        finally:
+            self._releasing = False

@@ -1,0 +1,195 @@
+"""A Router's HTTP surface: the OpenAI routes, API keys and body limits. Generation is the Router's job.
+
+Routes are matched by Starlette's routing; an unknown path is a 404 and a known path with another
+method a 405 with `Allow`, both in OpenAI's error JSON, as every error here is.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Match, Route
+
+from serve_app.config import ApiKeyConfig
+from serve_app.errors import ErrorKind, GatewayError, refusal_error
+from serve_app.http import server
+from serve_app.policy.api_keys import KeyPolicy, KeyRing, bearer
+from serve_app.policy.priority import PRIORITY_HEADER, parse_priority
+from serve_app.policy.refusals import NotReady
+
+if TYPE_CHECKING:
+    from serve_app.deployments.router import Router
+
+logger = logging.getLogger("ray.serve")
+
+Handler = Callable[[Request], Awaitable[Response]]
+ADMIN_PATHS = frozenset({"/metrics", "/v1/stats"})
+OPEN_PATHS = frozenset({"/health"})  # load balancers and probes carry no key
+
+
+class HttpApi:
+    """The ASGI app each Router replica serves on the public port (and behind Ray's proxy, if it is on)."""
+
+    def __init__(self, router: Router, keys: Mapping[str, ApiKeyConfig], max_body_bytes: int) -> None:
+        """`keys`: API key -> its settings; none, and every caller is let in."""
+        self.router = router
+        self.keys = KeyRing(
+            {
+                key: KeyPolicy(
+                    c.name, parse_priority(c.max_priority), c.requests_per_s, c.output_tokens_per_min, c.admin
+                )
+                for key, c in keys.items()
+            }
+        )
+        self.max_body_bytes = max_body_bytes
+        self._models: dict[str, Any] | None = None
+        self.routes = [
+            Route("/v1/chat/completions", self._chat, methods=["POST"]),
+            Route("/v1/completions", self._completions, methods=["POST"]),
+            Route("/v1/models", self._models, methods=["GET"]),
+            Route("/health", self._health, methods=["GET"]),
+            Route("/metrics", self._prometheus, methods=["GET"]),
+            Route("/v1/stats", self._stats, methods=["GET"]),
+        ]
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        response = await self.respond(Request(scope, receive))
+        await response(scope, receive, send)
+
+    async def respond(self, request: Request) -> Response:
+        try:
+            route = self._route(request)
+            if self.keys and route.path not in OPEN_PATHS:
+                request.state.key = self._authorize(request, route.path)
+            handler: Handler = route.endpoint  # type: ignore[assignment]
+            return await handler(request)
+        except GatewayError as exc:
+            return exc.response()
+        except Exception:
+            logger.exception("unexpected error answering %s %s", request.method, request.url.path)
+            return GatewayError(500, "internal error in the gateway; see the router's log").response()
+
+    def _route(self, request: Request) -> Route:
+        scope = {**request.scope, "path": request.url.path.rstrip("/") or "/"}
+        allowed: set[str] = set()
+        for route in self.routes:
+            match, _ = route.matches(scope)
+            if match is Match.FULL:
+                return route
+            if match is Match.PARTIAL:
+                allowed |= route.methods or set()
+        if allowed:
+            raise GatewayError(
+                405,
+                f"{request.method} is not allowed on {request.url.path}; use {', '.join(sorted(allowed))}",
+                headers={"Allow": ", ".join(sorted(allowed))},
+            )
+        raise GatewayError(404, f"no route for {request.method} {request.url.path}")
+
+    def _authorize(self, request: Request, path: str) -> KeyPolicy:
+        """401 without a known key, 403 for a non-admin key on the admin paths. The key is never logged."""
+        policy = self.keys.lookup(bearer(request.headers.get("authorization")))
+        if policy is None:
+            raise GatewayError(
+                401,
+                "a valid API key is required: send it as 'Authorization: Bearer <key>'",
+                kind=ErrorKind.UNAUTHORIZED,
+            )
+        if path in ADMIN_PATHS and not policy.admin:
+            raise GatewayError(403, f"{path} needs an admin API key", kind=ErrorKind.FORBIDDEN)
+        return policy
+
+    # ---- endpoints -----------------------------------------------------------------------------
+
+    async def _chat(self, request: Request) -> Response:
+        return await self._generate(request, "chat")
+
+    async def _completions(self, request: Request) -> Response:
+        return await self._generate(request, "completions")
+
+    async def _generate(self, request: Request, endpoint: str) -> Response:
+        arrived = time.monotonic()
+        body = await read_json_body(request, self.max_body_bytes)
+        key: KeyPolicy | None = getattr(request.state, "key", None)
+        flight = self.router.open_flight(endpoint, body, request.headers.get(PRIORITY_HEADER), key, arrived)
+        try:
+            upstream = await server.unless_disconnected(request.receive, self.router.dispatch(flight, body))
+        except server.ClientGone:
+            flight.finish("cancelled", flight.gone_kind)
+            return Response(status_code=499)
+        headers = {"X-Priority": flight.priority.label, "X-Queue-Wait-Ms": f"{(flight.queue_wait_s or 0) * 1000:.1f}"}
+        if upstream.content_type != "text/event-stream":
+            status, payload = await self.router.whole_answer(flight, upstream)
+            return Response(payload, status_code=status, headers=headers, media_type="application/json")
+
+        async def settle() -> None:
+            flight.finish("cancelled", ErrorKind.CLIENT_GONE)  # a no-op when the relay already finished it
+
+        return server.SettledStreamingResponse(self.router.relay(flight, upstream), settle, headers=headers)
+
+    async def _models(self, request: Request) -> Response:
+        return JSONResponse(await self.models())
+
+    async def _health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok", **await self.ready_state()})
+
+    async def _prometheus(self, request: Request) -> Response:
+        await self.router.reporter.flush()
+        text = await self.router.metrics.prometheus.remote(await self.router.admission.state())
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    async def _stats(self, request: Request) -> Response:
+        return JSONResponse(await self.stats())
+
+    # ---- the gateway's state, also for handle callers ------------------------------------------
+
+    async def models(self) -> dict[str, Any]:
+        if self._models is None:
+            await self.ready_state()
+            self._models = await self.router.llm.models.remote()
+        return self._models
+
+    async def ready_state(self) -> dict[str, Any]:
+        """Admission's picture of the gateway; 503 while no replica can serve."""
+        state = await self.router.admission.state()
+        if state["capacity"] == 0:
+            raise refusal_error(NotReady("no model replica is ready to serve"))
+        return state
+
+    async def stats(self) -> dict[str, Any]:
+        await self.router.reporter.flush()  # this Router's finished requests are counted before it answers
+        return await self.router.metrics.summary.remote(await self.router.admission.state())
+
+
+async def read_json_body(request: Request, limit: int) -> dict[str, Any]:
+    """Reads at most `limit` bytes: a declared larger body is refused before reading, a body that turns out
+    larger while streaming in is refused as soon as it passes the limit."""
+    too_large = GatewayError(
+        413, f"the request body is larger than the limit of {limit} bytes", kind=ErrorKind.TOO_LARGE
+    )
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
+        raise GatewayError(400, f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise GatewayError(400, "the request body must be a JSON object")
+    return body
