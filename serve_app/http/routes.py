@@ -48,7 +48,7 @@ class HttpApi:
             }
         )
         self.max_body_bytes = max_body_bytes
-        self._models: dict[str, Any] | None = None
+        self._model_list: dict[str, Any] | None = None
         self.routes = [
             Route("/v1/chat/completions", self._chat, methods=["POST"]),
             Route("/v1/completions", self._completions, methods=["POST"]),
@@ -152,10 +152,10 @@ class HttpApi:
     # ---- the gateway's state, also for handle callers ------------------------------------------
 
     async def models(self) -> dict[str, Any]:
-        if self._models is None:
+        if self._model_list is None:
             await self.ready_state()
-            self._models = await self.router.llm.models.remote()
-        return self._models
+            self._model_list = await self.router.llm.models.remote()
+        return self._model_list
 
     async def ready_state(self) -> dict[str, Any]:
         """Admission's picture of the gateway; 503 while no replica can serve."""
