@@ -91,7 +91,7 @@ class GatewayError(Exception):
         *,
         param: str | None = None,
         retry_after_s: int | None = None,
-        kind: ErrorKind | None = None,
+        kind: ErrorKind | str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
@@ -99,7 +99,7 @@ class GatewayError(Exception):
         self.message = message
         self.param = param
         self.retry_after_s = retry_after_s
-        self.kind = kind or ErrorKind.for_status(status)
+        self.kind = ErrorKind(kind) if kind else ErrorKind.for_status(status)
         self.headers = headers or {}
 
     @classmethod

@@ -1,6 +1,5 @@
 import pytest
 
-from serve_app.errors import GatewayError
 from serve_app.http.request_body import InvalidBody, check_chat_roles, engine_body
 from serve_app.policy.priority import Priority
 
@@ -21,17 +20,6 @@ def test_thinking_flags_move_into_chat_template_kwargs():
 
 def test_untouched_without_thinking_flags():
     assert "chat_template_kwargs" not in engine_body({"messages": []}, Priority.MEDIUM)
-
-
-def test_gateway_error_is_openai_shaped_and_survives_pickling():
-    import pickle
-
-    error = GatewayError(429, "queue full", retry_after_s=3, kind="queue_full")
-    copy = pickle.loads(pickle.dumps(error))
-    assert (copy.status, copy.retry_after_s, copy.kind) == (429, 3, "queue_full")
-    assert copy.body() == {"error": {"message": "queue full", "type": "RateLimitError", "param": None, "code": 429}}
-    response = copy.response()
-    assert response.status_code == 429 and response.headers["retry-after"] == "3"
 
 
 def test_chat_roles_outside_openais_set_are_refused_with_their_place():
