@@ -139,6 +139,42 @@ def test_predicted_wait_and_retry_after_come_from_the_drain_rate():
     assert shedding.queue_retry_after_s(ahead=1000, rate=1.0, max_wait_s=30) == 30
 
 
+def test_the_drain_estimate_is_a_moving_mean_of_service_times():
+    drain = shedding.DrainEstimate(initial_service_s=1.0)
+    assert drain.mean_service_s == 1.0 and drain.samples == 0
+    assert drain.rate(slots=4) == 4.0, "before any sample: the initial service time"
+    drain.observe(6.0)
+    assert drain.mean_service_s == pytest.approx(0.8 * 1.0 + 0.2 * 6.0)  # 2.0
+    assert drain.rate(slots=4) == pytest.approx(2.0)
+    drain.observe(2.0)
+    assert drain.mean_service_s == pytest.approx(2.0), "a sample at the mean leaves it there"
+    assert drain.samples == 2
+    assert drain.rate(slots=0) == 0.0
+
+
+def test_the_drain_estimate_is_trusted_only_after_enough_samples():
+    drain = shedding.DrainEstimate(initial_service_s=0.001)  # would shed nearly everything if trusted
+    for _ in range(shedding.SHED_AFTER_SAMPLES - 1):
+        assert not drain.trusted
+        assert drain.shed(ahead=1000, slots=1, max_wait_s=1.0) is None, "not trusted yet: never shed"
+        drain.observe(100.0)
+    assert not drain.trusted
+    drain.observe(100.0)
+    assert drain.trusted and drain.samples == shedding.SHED_AFTER_SAMPLES
+    assert drain.shed(ahead=1000, slots=1, max_wait_s=1.0) is not None
+    assert shedding.DrainEstimate(trusted_after=0).trusted
+
+
+def test_the_drain_estimate_sheds_only_past_the_bound():
+    drain = shedding.DrainEstimate(initial_service_s=2.0, trusted_after=0)  # 1 slot: 0.5 requests/s
+    assert drain.shed(ahead=1, slots=1, max_wait_s=5.0) is None, "predicted 4 s"
+    assert drain.shed(ahead=1, slots=1, max_wait_s=4.0) is None, "predicted 4 s: at the bound still queues"
+    assert drain.shed(ahead=2, slots=1, max_wait_s=5.0) == (6.0, 1), "predicted 6 s: past the 5 s bound"
+    assert drain.shed(ahead=39, slots=8, max_wait_s=30.0) is None, "8 slots drain 4 requests/s: 10 s"
+    assert drain.shed(ahead=39, slots=8, max_wait_s=5.0) == (10.0, 5)
+    assert drain.shed(ahead=0, slots=0, max_wait_s=5.0) == (math.inf, 600), "no slots: never drains"
+
+
 @dataclass
 class Grant:
     priority: Priority

@@ -20,11 +20,9 @@ from serve_app.policy.preemption import choose_victim, pending_asks
 from serve_app.policy.priority import Priority
 from serve_app.policy.replica_set import Replica, ReplicaSet
 from serve_app.policy.request_queue import PriorityRequestQueue, QueueFull
+from serve_app.policy.shedding import SHED_AFTER_SAMPLES, DrainEstimate
 
-__all__ = ["Scheduler", "NotReady", "QueueFull", "QueueTimeout", "Shed", "Slot"]
-
-# Completed requests needed before the mean service time is trusted for shedding.
-SHED_AFTER_SAMPLES = 8
+__all__ = ["Scheduler", "NotReady", "QueueFull", "QueueTimeout", "Shed", "Slot", "SHED_AFTER_SAMPLES"]
 
 
 class NotReady(Exception):
@@ -79,8 +77,7 @@ class Scheduler:
         self.queue = queue
         self.replicas = replicas if replicas is not None else ReplicaSet()
         self._clock = clock
-        self._mean_service_s = initial_service_s
-        self._completed = 0
+        self._drain = DrainEstimate(initial_service_s)
         self._dispatched = 0
         self._shed = shed
         self._preempt_window_s = preempt_window_s
@@ -111,7 +108,7 @@ class Scheduler:
         self._dispatch()
 
     def drain_rate(self) -> float:
-        return shedding.drain_rate(self.replicas.limit, self._mean_service_s)
+        return self._drain.rate(self.replicas.limit)
 
     def ahead_of(self, priority: Priority) -> int:
         return sum(self.queue.depth(p) for p in Priority if p <= priority)
@@ -168,19 +165,18 @@ class Scheduler:
         if per_token_s is not None and replica.limiter is not None and replica.live:
             replica.limiter.observe((slot.concurrency + replica.in_flight) / 2, per_token_s)
         self.replicas.give_back(replica)
-        service_s = self._clock() - slot.granted_at
-        self._mean_service_s = 0.8 * self._mean_service_s + 0.2 * service_s
-        self._completed += 1
+        self._drain.observe(self._clock() - slot.granted_at)
         self._dispatch()
 
     def _shed_or_pass(self, priority: Priority) -> None:
-        if not self._shed or self._completed < SHED_AFTER_SAMPLES:
+        if not self._shed:
             return
         max_wait = self.queue.limits[priority].max_wait_s
-        predicted = shedding.predicted_wait_s(self.ahead_of(priority), self.drain_rate())
-        if predicted > max_wait:
+        verdict = self._drain.shed(self.ahead_of(priority), self.replicas.limit, max_wait)
+        if verdict is not None:
+            predicted, retry_after_s = verdict
             self.shed_count[priority] += 1
-            raise Shed(priority, predicted, max_wait, shedding.shed_retry_after_s(predicted, max_wait))
+            raise Shed(priority, predicted, max_wait, retry_after_s)
 
     def _grant(self, priority: Priority, enqueued_at: float, now: float, replica: Replica, tenant: str) -> Slot:
         self._dispatched += 1
