@@ -9,7 +9,7 @@ import pytest
 
 from serve_app.policy import shedding
 from serve_app.policy.concurrency_limit import KneeLimit
-from serve_app.policy.preemption import ASK_TTL_S, choose_victim, pending_asks
+from serve_app.policy.preemption import ASK_TTL_S, choose_victim, pending_asks, victim_for
 from serve_app.policy.priority import Priority
 from serve_app.policy.replica_set import ReplicaSet, Reservation
 
@@ -200,3 +200,25 @@ def test_the_victim_is_the_youngest_of_the_lowest_class_within_the_window():
     assert choose_victim(grants, Priority.LOW, now=10.0, window_s=2.0) is None
     assert pending_asks(grants, now=10.0) == 3
     assert pending_asks(grants, now=10.0 + ASK_TTL_S) == 0, "unanswered asks count as refused"
+
+
+def test_only_a_waiting_high_that_no_slot_or_ask_is_coming_to_preempts():
+    young_low = Grant(Priority.LOW, 9.5)
+    grants = [Grant(Priority.LOW, 1.0), young_low, Grant(Priority.HIGH, 9.9)]
+
+    def victim(waiting: Priority = Priority.HIGH, placed: bool = False, high_waiting: int = 1) -> Grant | None:
+        return victim_for(waiting, placed, high_waiting, grants, now=10.0, window_s=2.0)
+
+    assert victim() is young_low
+    assert victim(Priority.MEDIUM) is None, "only a high request preempts"
+    assert victim(Priority.LOW) is None
+    assert victim(placed=True) is None, "a replica has room for high: it gets a slot, not a victim"
+    assert victim(high_waiting=0) is None, "no high waiting"
+    young_low.preempt_asked_at = 9.8  # pending: a slot is on its way to the one high waiter
+    assert victim(high_waiting=1) is None, "one ask per high waiter"
+    assert victim(high_waiting=2) is None, "a second waiter, but no one left within the window to ask"
+    grants.append(Grant(Priority.MEDIUM, 9.7))
+    assert victim(high_waiting=2) is grants[-1], "a second waiter: a second ask"
+    assert victim(high_waiting=1) is None, "still one ask per high waiter, with a candidate at hand"
+    # An ask unanswered for ASK_TTL_S counts as refused: the waiter it was for needs another.
+    assert victim_for(Priority.HIGH, False, 1, grants, now=9.8 + ASK_TTL_S + 0.1, window_s=10.0) is grants[-1]

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from serve_app.policy import shedding
-from serve_app.policy.preemption import choose_victim, pending_asks
+from serve_app.policy.preemption import victim_for
 from serve_app.policy.priority import Priority
 from serve_app.policy.replica_set import Replica, ReplicaSet
 from serve_app.policy.request_queue import PriorityRequestQueue, QueueFull
@@ -224,13 +224,13 @@ class Scheduler:
 
     def _maybe_preempt(self, waiting: Priority, now: float) -> None:
         """One ask per high waiter that no slot is on its way to."""
-        if self._preempt_window_s is None or self.on_preempt is None or waiting != Priority.HIGH:
+        if self._preempt_window_s is None or self.on_preempt is None:
             return
-        if self.replicas.can_take(Priority.HIGH):
-            return
-        if self.queue.depth(Priority.HIGH) <= pending_asks(self.active, now):
-            return
-        victim = choose_victim(self.active, Priority.HIGH, now, self._preempt_window_s)
+        # A pass over the replicas, made only when it can matter: for any other class no one is asked.
+        high_can_be_placed = waiting == Priority.HIGH and self.replicas.can_take(Priority.HIGH)
+        victim = victim_for(
+            waiting, high_can_be_placed, self.queue.depth(Priority.HIGH), self.active, now, self._preempt_window_s
+        )
         if victim is None:
             return
         victim.preempt_asked_at = now
