@@ -83,8 +83,13 @@ async def test_engine_death_mid_stream_ends_every_request_clearly_and_the_replic
         assert answer.status_code == 200, "serving again after the restart"
     print("\noutcomes:", {o: outcomes.count(o) for o in set(outcomes)})
     assert "stream error" in outcomes or any(o.startswith("http 5") for o in outcomes), "the fault was seen"
-    after = stats(gateway)
-    medium = after["priorities"]["medium"]
-    ended = sum(medium[k] - before[k] for k in ("completed", "rejected", "cancelled", "error"))
-    assert ended == sent + 1, "every request ended counted, the check request included"
+
+    def ended(now: dict) -> int:
+        return sum(now["priorities"]["medium"][k] - before[k] for k in ("completed", "rejected", "cancelled", "error"))
+
+    def idle(now: dict) -> bool:
+        return now["router"]["in_flight"] == 0 and now["router"]["queued_medium"] == 0
+
+    after = stats(gateway, until=lambda now: ended(now) == sent + 1 and idle(now))
+    assert ended(after) == sent + 1, "every request ended counted, the check request included"
     assert after["router"]["in_flight"] == 0 and after["router"]["queued_medium"] == 0
