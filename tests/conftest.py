@@ -18,7 +18,7 @@ import pytest
 GATEWAY_PORT = int(os.environ.get("SERVE_APP_TEST_PORT", "8321"))
 APP_NAME = "gateway"
 MODEL_ID = "smollm2-135m-instruct"
-READY_TIMEOUT_S = 600
+READY_TIMEOUT_S = 900  # a wait: two CPU engines starting at once on a busy 2-core machine are slow
 
 METRICS_FLUSH_S = 0.2
 STATS_SETTLE_S = METRICS_FLUSH_S * 2  # the other Router's flush timer, and its call to the metrics actor
