@@ -10,7 +10,7 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
@@ -18,9 +18,11 @@ import pytest
 GATEWAY_PORT = int(os.environ.get("SERVE_APP_TEST_PORT", "8321"))
 APP_NAME = "gateway"
 MODEL_ID = "smollm2-135m-instruct"
-READY_TIMEOUT_S = 600
+READY_TIMEOUT_S = 900  # a wait: two CPU engines starting at once on a busy 2-core machine are slow
 
 METRICS_FLUSH_S = 0.2
+STATS_SETTLE_S = METRICS_FLUSH_S * 2  # the other Router's flush timer, and its call to the metrics actor
+STATS_TIMEOUT_S = 30.0
 TEST_ARGS = {
     "llm": {
         "engine_kwargs": {"max_model_len": 2048, "max_num_seqs": 8},
@@ -124,12 +126,31 @@ def wait_until_ready(base_url: str, started: float) -> None:
     raise RuntimeError(f"gateway not ready after {READY_TIMEOUT_S}s: {last}")
 
 
-def stats(base_url: str) -> dict:
-    """Waits out one flush first: the Router that answers flushes its own records, the other one on its timer."""
-    time.sleep(METRICS_FLUSH_S * 2)
-    response = httpx.get(f"{base_url}/v1/stats", timeout=10)
-    response.raise_for_status()
-    return response.json()
+def stats(
+    base_url: str,
+    until: Callable[[dict], bool] | None = None,
+    settle: bool = True,
+    timeout_s: float = STATS_TIMEOUT_S,
+) -> dict:
+    """/v1/stats once the requests' records have landed. The Router that answers flushes its own records first;
+    the other one flushes on its timer, every METRICS_FLUSH_S. So this reads until `until(stats)` holds (when
+    given) and, with `settle`, the per-priority figures are the same in two reads STATS_SETTLE_S apart: the
+    figures a caller asserts on are then at least those that one read after STATS_SETTLE_S would show. Past
+    `timeout_s`, the last read, for the caller's assertion to show the real figures. `settle=False` suits a
+    caller that reads only the live "router" part (Admission's state, never late)."""
+    deadline = time.monotonic() + timeout_s
+    previous = None
+    while True:
+        response = httpx.get(f"{base_url}/v1/stats", timeout=10)
+        response.raise_for_status()
+        current = response.json()
+        settled = not settle or (previous is not None and previous["priorities"] == current["priorities"])
+        if (until is None or until(current)) and settled:
+            return current
+        if time.monotonic() >= deadline:
+            return current
+        previous = current
+        time.sleep(STATS_SETTLE_S)
 
 
 def wait_for(predicate, timeout_s: float = 20.0, interval_s: float = 0.1) -> bool:

@@ -7,7 +7,7 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import MODEL_ID, delete_app, wait_until_ready
+from conftest import MODEL_ID, delete_app, wait_for, wait_until_ready
 
 pytestmark = pytest.mark.engine
 
@@ -83,7 +83,10 @@ def test_request_and_token_rate_limits_answer_429_with_retry_after(keyed):
     body = {**SHORT, "max_tokens": 100, "ignore_eos": True}
     spent = httpx.post(f"{keyed}/v1/chat/completions", json=body, headers=auth("sk-user"), timeout=120)
     assert spent.status_code == 200
-    time.sleep(0.5)  # the tokens are charged when the Router's release reaches Admission, just after the answer
+    # The tokens are charged when the Router's release reaches Admission, just after the answer: in the same
+    # call that frees the request's slot, so once /health shows no slot in use, the charge has landed.
+    charged = wait_for(lambda: httpx.get(f"{keyed}/health").json().get("in_flight") == 0, timeout_s=30)
+    assert charged, "the answered request's slot was never released"
     limited = httpx.post(f"{keyed}/v1/chat/completions", json=SHORT, headers=auth("sk-user"), timeout=60)
     assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 30
 

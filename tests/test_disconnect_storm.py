@@ -121,7 +121,7 @@ async def test_a_thousand_clients_hanging_up_at_random_moments_leave_nothing_beh
     print("\nwhat the clients saw:", dict(sorted(tally.items())))
 
     llm = serve.get_deployment_handle("LLMServer", APP_NAME)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 180  # a wait, not a bound on speed: a busy machine ends the aborts later
     while True:
         after = stats(gateway)
         router = after["router"]

@@ -182,7 +182,16 @@ def test_stats_and_metrics_count_per_priority(gateway):
         assert response.status_code == 200
     bad = httpx.post(f"{gateway}/v1/chat/completions", json={**body, "model": "nope"}, headers={"X-Priority": "low"})
     assert bad.status_code == 404
-    after = stats(gateway)["priorities"]
+
+    def counted(now: dict) -> bool:
+        p = now["priorities"]
+        return (
+            p["high"]["completed"] - before["high"]["completed"] == 2
+            and p["low"]["completed"] - before["low"]["completed"] == 1
+            and p["low"]["error"] - before["low"]["error"] == 1
+        )
+
+    after = stats(gateway, until=counted)["priorities"]
     assert after["high"]["completed"] - before["high"]["completed"] == 2
     assert after["low"]["completed"] - before["low"]["completed"] == 1
     assert after["low"]["error"] - before["low"]["error"] == 1

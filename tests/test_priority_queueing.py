@@ -101,7 +101,7 @@ async def test_full_queue_answers_429_with_retry_after(gateway):
             medium = asyncio.create_task(first_chunk_time(http, "medium"))
             await until(lambda: queued(gateway)["medium"] == 1)
         await asyncio.gather(medium, *waiting)
-    after = stats(gateway)["priorities"]["low"]
+    after = stats(gateway, until=lambda s: s["priorities"]["low"]["rejected"] - before == 1)["priorities"]["low"]
     assert after["rejected"] - before == 1
     assert after["errors_by_kind"].get("rejected:queue_full", 0) >= 1
 
@@ -129,7 +129,8 @@ async def test_client_gone_mid_generation_aborts_the_engine_request(gateway):
         while await llm.num_unfinished.remote() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         assert await llm.num_unfinished.remote() == 0
-        assert stats(gateway)["router"]["in_flight"] == 0
+        # The Router's release reaches Admission just after the abort.
+        assert stats(gateway, until=lambda s: s["router"]["in_flight"] == 0)["router"]["in_flight"] == 0
         response = await http.post("/v1/chat/completions", json={**SHORT, "stream": False})
         assert response.status_code == 200
 
@@ -173,7 +174,8 @@ async def test_a_waiting_high_request_preempts_a_low_one_before_its_first_token(
     }
     async with httpx.AsyncClient(base_url=gateway, timeout=120) as http:
         low = asyncio.create_task(stream_chunks(http, low_body, "low"))
-        await until(lambda: stats(gateway)["router"]["in_flight"] == 1)
+        # Live state, read at once: the high request must arrive while the low one is in its prefill.
+        await until(lambda: stats(gateway, settle=False)["router"]["in_flight"] == 1)
         high_first, _ = await stream_chunks(http, SHORT, "high")
         low_first, low_events = await low
     assert high_first < low_first, "the high request ran while the low one waited"
@@ -181,7 +183,9 @@ async def test_a_waiting_high_request_preempts_a_low_one_before_its_first_token(
     assert len({event["id"] for event in low_events}) == 1, "every chunk comes from one engine request"
     assert sum(1 for e in low_events for c in e["choices"] if c["delta"].get("role")) == 1, "one answer, once"
     assert low_events[-1]["usage"]["completion_tokens"] == 8
-    after = stats(gateway)
+    after = stats(
+        gateway, until=lambda s: s["priorities"]["low"]["preempted"] - before == 1 and s["router"]["in_flight"] == 0
+    )
     assert after["priorities"]["low"]["preempted"] - before == 1
     assert after["router"]["preempt_asks_low"] >= 1
     assert after["router"]["in_flight"] == 0

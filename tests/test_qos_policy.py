@@ -9,7 +9,7 @@ import pytest
 
 from serve_app.policy import shedding
 from serve_app.policy.concurrency_limit import KneeLimit
-from serve_app.policy.preemption import ASK_TTL_S, choose_victim, pending_asks
+from serve_app.policy.preemption import ASK_TTL_S, choose_victim, pending_asks, victim_for
 from serve_app.policy.priority import Priority
 from serve_app.policy.replica_set import ReplicaSet, Reservation
 
@@ -139,6 +139,42 @@ def test_predicted_wait_and_retry_after_come_from_the_drain_rate():
     assert shedding.queue_retry_after_s(ahead=1000, rate=1.0, max_wait_s=30) == 30
 
 
+def test_the_drain_estimate_is_a_moving_mean_of_service_times():
+    drain = shedding.DrainEstimate(initial_service_s=1.0)
+    assert drain.mean_service_s == 1.0 and drain.samples == 0
+    assert drain.rate(slots=4) == 4.0, "before any sample: the initial service time"
+    drain.observe(6.0)
+    assert drain.mean_service_s == pytest.approx(0.8 * 1.0 + 0.2 * 6.0)  # 2.0
+    assert drain.rate(slots=4) == pytest.approx(2.0)
+    drain.observe(2.0)
+    assert drain.mean_service_s == pytest.approx(2.0), "a sample at the mean leaves it there"
+    assert drain.samples == 2
+    assert drain.rate(slots=0) == 0.0
+
+
+def test_the_drain_estimate_is_trusted_only_after_enough_samples():
+    drain = shedding.DrainEstimate(initial_service_s=0.001)  # would shed nearly everything if trusted
+    for _ in range(shedding.SHED_AFTER_SAMPLES - 1):
+        assert not drain.trusted
+        assert drain.shed(ahead=1000, slots=1, max_wait_s=1.0) is None, "not trusted yet: never shed"
+        drain.observe(100.0)
+    assert not drain.trusted
+    drain.observe(100.0)
+    assert drain.trusted and drain.samples == shedding.SHED_AFTER_SAMPLES
+    assert drain.shed(ahead=1000, slots=1, max_wait_s=1.0) is not None
+    assert shedding.DrainEstimate(trusted_after=0).trusted
+
+
+def test_the_drain_estimate_sheds_only_past_the_bound():
+    drain = shedding.DrainEstimate(initial_service_s=2.0, trusted_after=0)  # 1 slot: 0.5 requests/s
+    assert drain.shed(ahead=1, slots=1, max_wait_s=5.0) is None, "predicted 4 s"
+    assert drain.shed(ahead=1, slots=1, max_wait_s=4.0) is None, "predicted 4 s: at the bound still queues"
+    assert drain.shed(ahead=2, slots=1, max_wait_s=5.0) == (6.0, 1), "predicted 6 s: past the 5 s bound"
+    assert drain.shed(ahead=39, slots=8, max_wait_s=30.0) is None, "8 slots drain 4 requests/s: 10 s"
+    assert drain.shed(ahead=39, slots=8, max_wait_s=5.0) == (10.0, 5)
+    assert drain.shed(ahead=0, slots=0, max_wait_s=5.0) == (math.inf, 600), "no slots: never drains"
+
+
 @dataclass
 class Grant:
     priority: Priority
@@ -164,3 +200,25 @@ def test_the_victim_is_the_youngest_of_the_lowest_class_within_the_window():
     assert choose_victim(grants, Priority.LOW, now=10.0, window_s=2.0) is None
     assert pending_asks(grants, now=10.0) == 3
     assert pending_asks(grants, now=10.0 + ASK_TTL_S) == 0, "unanswered asks count as refused"
+
+
+def test_only_a_waiting_high_that_no_slot_or_ask_is_coming_to_preempts():
+    young_low = Grant(Priority.LOW, 9.5)
+    grants = [Grant(Priority.LOW, 1.0), young_low, Grant(Priority.HIGH, 9.9)]
+
+    def victim(waiting: Priority = Priority.HIGH, placed: bool = False, high_waiting: int = 1) -> Grant | None:
+        return victim_for(waiting, placed, high_waiting, grants, now=10.0, window_s=2.0)
+
+    assert victim() is young_low
+    assert victim(Priority.MEDIUM) is None, "only a high request preempts"
+    assert victim(Priority.LOW) is None
+    assert victim(placed=True) is None, "a replica has room for high: it gets a slot, not a victim"
+    assert victim(high_waiting=0) is None, "no high waiting"
+    young_low.preempt_asked_at = 9.8  # pending: a slot is on its way to the one high waiter
+    assert victim(high_waiting=1) is None, "one ask per high waiter"
+    assert victim(high_waiting=2) is None, "a second waiter, but no one left within the window to ask"
+    grants.append(Grant(Priority.MEDIUM, 9.7))
+    assert victim(high_waiting=2) is grants[-1], "a second waiter: a second ask"
+    assert victim(high_waiting=1) is None, "still one ask per high waiter, with a candidate at hand"
+    # An ask unanswered for ASK_TTL_S counts as refused: the waiter it was for needs another.
+    assert victim_for(Priority.HIGH, False, 1, grants, now=9.8 + ASK_TTL_S + 0.1, window_s=10.0) is grants[-1]

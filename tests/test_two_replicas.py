@@ -115,7 +115,11 @@ async def test_an_engine_killed_mid_stream_costs_only_its_own_streams(pair):
         while sum(f.is_set() for f in firsts) < 8:  # the 8 running ones are mid-stream
             assert time.monotonic() < deadline, f"8 running and 8 queued: {stats(pair)['router']}"
             await asyncio.sleep(0.2)
-        router = stats(pair)["router"]
+        # In a thread: the streams read on meanwhile.
+        full = await asyncio.to_thread(
+            stats, pair, lambda s: (s["router"]["in_flight"], s["router"]["queued_medium"]) == (8, 8)
+        )
+        router = full["router"]
         assert router["in_flight"] == 8 and router["queued_medium"] == 8, router
         for core in replicas[0]:
             core.send_signal(signal.SIGKILL)
@@ -124,13 +128,19 @@ async def test_an_engine_killed_mid_stream_costs_only_its_own_streams(pair):
     tally = {o: outcomes.count(o) for o in set(outcomes)}
     assert [a.status_code for a in answers] == [200] * 8, [a.text[:200] for a in answers if a.status_code != 200]
     assert all(a.json()["usage"]["completion_tokens"] == 8 for a in answers)
-    after = stats(pair)
+
+    def ended(now: dict) -> int:
+        return sum(now["priorities"]["medium"][k] - before[k] for k in ("completed", "rejected", "cancelled", "error"))
+
+    def idle(now: dict) -> bool:
+        return now["router"]["in_flight"] == 0 and now["router"]["queued_medium"] == 0
+
+    after = stats(pair, until=lambda now: ended(now) == 16 + 8 and idle(now))
     medium = after["priorities"]["medium"]
     print("\nstreams:", tally, "retried:", medium["retried"] - before["retried"], medium["errors_by_kind"])
     assert 1 <= tally.get("stream error", 0) <= 4, "only streams that had started on the dead engine fail"
     assert tally.get("complete", 0) >= 12
-    ended = sum(medium[k] - before[k] for k in ("completed", "rejected", "cancelled", "error"))
-    assert ended == 16 + 8, "every request ended counted"
+    assert ended(after) == 16 + 8, "every request ended counted"
     assert medium["error"] - before["error"] == tally.get("stream error", 0)
     assert after["router"]["in_flight"] == 0 and after["router"]["queued_medium"] == 0
 

@@ -25,6 +25,7 @@ from ray.exceptions import RayActorError
 from serve_app.config import NO_ACCESS_LOG, SINGLE_LOOP_ENV, AdmissionConfig, QueueConfig
 from serve_app.deployments import process_priority
 from serve_app.deployments.admission_client import Grant
+from serve_app.deployments.health import answers_health
 from serve_app.deployments.scheduler import Scheduler, Slot
 from serve_app.errors import ErrorKind, GatewayError, refusal_error
 from serve_app.policy.api_keys import RateLimits
@@ -209,12 +210,8 @@ class AdmissionActor:
         self.scheduler.replicas_changed()
 
     async def _answers_health(self, url: str) -> bool:
-        try:
-            timeout = aiohttp.ClientTimeout(total=5)
-            async with aiohttp.ClientSession(timeout=timeout) as session, session.get(f"{url}/health") as response:
-                return response.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError):
-            return False
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+            return await answers_health(session, url)
 
     async def _check_replicas(self) -> None:
         """Drops replicas that stop answering, so capacity and /health tell the truth without traffic."""
@@ -223,12 +220,7 @@ class AdmissionActor:
             while True:
                 await asyncio.sleep(self._replica_check_s)
                 for replica in self.scheduler.replicas:
-                    try:
-                        async with session.get(f"{replica.url}/health") as response:
-                            ok = response.status == 200
-                    except (aiohttp.ClientError, asyncio.TimeoutError):
-                        ok = False
-                    if not ok and replica.live:
+                    if not await answers_health(session, replica.url) and replica.live:
                         self._remove_failed(replica)
 
     # ---- state ---------------------------------------------------------------------------------

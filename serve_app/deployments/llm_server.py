@@ -30,6 +30,7 @@ from ray.serve.handle import DeploymentHandle
 from serve_app.config import NO_ACCESS_LOG, LLMConfig
 from serve_app.deployments import process_priority
 from serve_app.deployments.admission_client import AdmissionClient
+from serve_app.deployments.health import answers_health, health_status
 from serve_app.engine import vllm_compat
 from serve_app.engine.args import parse_serve_args, serve_argv
 from serve_app.engine.model_files import resolve_model_source
@@ -82,12 +83,8 @@ class LLMServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise EngineExited(f"vLLM's server exited with code {self.process.returncode} while starting")
-            try:
-                async with self.session.get(f"{self.url}/health") as response:
-                    if response.status == 200:
-                        return
-            except (aiohttp.ClientError, asyncio.TimeoutError):
-                pass
+            if await answers_health(self.session, self.url):
+                return
             await asyncio.sleep(0.5)
         raise TimeoutError(f"vLLM's server did not answer /health within {timeout_s:.0f}s")
 
@@ -96,9 +93,11 @@ class LLMServer:
     async def check_health(self) -> None:
         if self.process.poll() is not None:
             raise EngineExited(f"vLLM's server exited with code {self.process.returncode}")
-        async with self.session.get(f"{self.url}/health") as response:
-            if response.status != 200:
-                raise EngineExited(f"vLLM's server answers /health with {response.status}")
+        status = await health_status(self.session, self.url)
+        if status is None:
+            raise EngineExited(f"vLLM's server does not answer /health at {self.url}")
+        if status != 200:
+            raise EngineExited(f"vLLM's server answers /health with {status}")
         if not self.leaving:  # healthy: make sure Admission dispatches here (it may have restarted)
             await self.admission.ensure_replica(self.replica_id, self.url, self.max_ongoing)
 

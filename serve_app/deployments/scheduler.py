@@ -16,16 +16,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from serve_app.policy import shedding
-from serve_app.policy.preemption import choose_victim, pending_asks
+from serve_app.policy.preemption import victim_for
 from serve_app.policy.priority import Priority
 from serve_app.policy.refusals import NotReady, QueueFull, QueueTimeout, Shed
 from serve_app.policy.replica_set import Replica, ReplicaSet
 from serve_app.policy.request_queue import PriorityRequestQueue
+from serve_app.policy.shedding import SHED_AFTER_SAMPLES, DrainEstimate
 
-__all__ = ["Scheduler", "NotReady", "QueueFull", "QueueTimeout", "Shed", "Slot"]
-
-# Completed requests needed before the mean service time is trusted for shedding.
-SHED_AFTER_SAMPLES = 8
+__all__ = ["Scheduler", "NotReady", "QueueFull", "QueueTimeout", "Shed", "Slot", "SHED_AFTER_SAMPLES"]
 
 
 @dataclass(eq=False)
@@ -58,8 +56,7 @@ class Scheduler:
         self.queue = queue
         self.replicas = replicas if replicas is not None else ReplicaSet()
         self._clock = clock
-        self._mean_service_s = initial_service_s
-        self._completed = 0
+        self._drain = DrainEstimate(initial_service_s)
         self._dispatched = 0
         self._shed = shed
         self._preempt_window_s = preempt_window_s
@@ -90,7 +87,7 @@ class Scheduler:
         self._dispatch()
 
     def drain_rate(self) -> float:
-        return shedding.drain_rate(self.replicas.limit, self._mean_service_s)
+        return self._drain.rate(self.replicas.limit)
 
     def ahead_of(self, priority: Priority) -> int:
         return sum(self.queue.depth(p) for p in Priority if p <= priority)
@@ -147,19 +144,18 @@ class Scheduler:
         if per_token_s is not None and replica.limiter is not None and replica.live:
             replica.limiter.observe((slot.concurrency + replica.in_flight) / 2, per_token_s)
         self.replicas.give_back(replica)
-        service_s = self._clock() - slot.granted_at
-        self._mean_service_s = 0.8 * self._mean_service_s + 0.2 * service_s
-        self._completed += 1
+        self._drain.observe(self._clock() - slot.granted_at)
         self._dispatch()
 
     def _shed_or_pass(self, priority: Priority) -> None:
-        if not self._shed or self._completed < SHED_AFTER_SAMPLES:
+        if not self._shed:
             return
         max_wait = self.queue.limits[priority].max_wait_s
-        predicted = shedding.predicted_wait_s(self.ahead_of(priority), self.drain_rate())
-        if predicted > max_wait:
+        verdict = self._drain.shed(self.ahead_of(priority), self.replicas.limit, max_wait)
+        if verdict is not None:
+            predicted, retry_after_s = verdict
             self.shed_count[priority] += 1
-            raise Shed(priority, predicted, max_wait, shedding.shed_retry_after_s(predicted, max_wait))
+            raise Shed(priority, predicted, max_wait, retry_after_s)
 
     def _grant(self, priority: Priority, enqueued_at: float, now: float, replica: Replica, tenant: str) -> Slot:
         self._dispatched += 1
@@ -207,13 +203,13 @@ class Scheduler:
 
     def _maybe_preempt(self, waiting: Priority, now: float) -> None:
         """One ask per high waiter that no slot is on its way to."""
-        if self._preempt_window_s is None or self.on_preempt is None or waiting != Priority.HIGH:
+        if self._preempt_window_s is None or self.on_preempt is None:
             return
-        if self.replicas.can_take(Priority.HIGH):
-            return
-        if self.queue.depth(Priority.HIGH) <= pending_asks(self.active, now):
-            return
-        victim = choose_victim(self.active, Priority.HIGH, now, self._preempt_window_s)
+        # A pass over the replicas, made only when it can matter: for any other class no one is asked.
+        high_can_be_placed = waiting == Priority.HIGH and self.replicas.can_take(Priority.HIGH)
+        victim = victim_for(
+            waiting, high_can_be_placed, self.queue.depth(Priority.HIGH), self.active, now, self._preempt_window_s
+        )
         if victim is None:
             return
         victim.preempt_asked_at = now
