@@ -17,7 +17,7 @@ from serve_app.engine import vllm_compat
 from serve_app.engine.args import serve_argv
 from serve_app.engine.model_files import DEFAULT_MODEL_ENGINE_KWARGS, DEFAULT_MODEL_SOURCE, resolve_model_source
 
-START_TIMEOUT_S = 400
+START_TIMEOUT_S = 900  # a wait: once ran out at 400 s while another engine suite loaded the 2 cores (load 19)
 
 
 def test_api_server_count_starts_that_many_servers_in_front_of_one_engine():
