@@ -1,4 +1,4 @@
-"""The asyncio slot keeper around the queue policy, with real (millisecond) timers."""
+"""The Scheduler: the asyncio slots and waiters around the queue policy, with real (millisecond) timers."""
 
 import asyncio
 

@@ -100,7 +100,7 @@ class AdmissionClient:
             return await getattr(self._local, method)(*args)
         for attempt in (1, 2):
             if self._actor is None:
-                self._actor = await self._owner.keeper_handle.remote()
+                self._actor = await self._owner.actor_handle.remote()
             try:
                 return await getattr(self._actor, method).remote(*args)
             except RayActorError:
