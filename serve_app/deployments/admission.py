@@ -24,7 +24,6 @@ from ray.exceptions import RayActorError
 
 from serve_app.config import NO_ACCESS_LOG, SINGLE_LOOP_ENV, AdmissionConfig, QueueConfig
 from serve_app.deployments import process_priority
-from serve_app.deployments.admission_client import Grant
 from serve_app.deployments.health import answers_health
 from serve_app.deployments.scheduler import Scheduler, Slot
 from serve_app.errors import ErrorKind, GatewayError, refusal_error
@@ -89,8 +88,8 @@ class AdmissionActor:
         router_id: str | None = None,
         front: bool = False,
         tenant: str | None = None,
-    ) -> Grant:
-        """Waits for a slot; returns the replica's URL and the wait. Raises GatewayError (429/503).
+    ) -> dict[str, Any]:
+        """Waits for a slot; returns the replica's URL and the wait (`Grant`'s fields). Raises GatewayError (429/503).
         `router_id` makes the request preemptible: asks reach that Router through `preemptions`.
         `tenant`: the API key's name, whose rate limits apply (here, so that they hold across Routers)."""
         prio = Priority(priority)
@@ -125,7 +124,7 @@ class AdmissionActor:
         if tenant is not None:
             self._tenants[request_id] = tenant
         self._slots[request_id] = slot
-        return Grant(slot.replica.url, slot.queue_wait_s)
+        return {"url": slot.replica.url, "queue_wait_s": slot.queue_wait_s}  # a Grant's fields
 
     async def release_many(self, releases: list[tuple[str, float | None, int | None]]) -> None:
         """(request id, its service time per output token or None, its output tokens or None) triples.
