@@ -160,3 +160,18 @@ def wait_for(predicate, timeout_s: float = 20.0, interval_s: float = 0.1) -> boo
             return True
         time.sleep(interval_s)
     return False
+
+
+def metric_samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """A Prometheus exposition as {(sample name, its labels): value}, read by prometheus_client's parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def sample(samples: dict, name: str, **labels: str) -> float | None:
+    return samples.get((name, frozenset(labels.items())))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-from conftest import APP_NAME, MODEL_ID, stats
+from conftest import APP_NAME, MODEL_ID, metric_samples, sample, stats
 
 pytestmark = pytest.mark.engine
 
@@ -198,8 +198,14 @@ def test_stats_and_metrics_count_per_priority(gateway):
     assert after["high"]["e2e_latency_seconds"]["count"] - before["high"]["e2e_latency_seconds"]["count"] == 2
     assert after["high"]["e2e_latency_seconds"]["p50"] > 0
     assert after["high"]["output_tokens"]["count"] >= 2
-    text = httpx.get(f"{gateway}/metrics").text
-    line = f'gateway_requests_total{{priority="high",outcome="completed"}} {after["high"]["completed"]}'
-    assert line in text
-    assert 'gateway_e2e_latency_seconds_bucket{priority="low",le="+Inf"}' in text
-    assert 'gateway_errors_total{priority="low",outcome="error",kind="not_found"}' in text
+    samples = metric_samples(httpx.get(f"{gateway}/metrics").text)
+    completed = sample(samples, "gateway_requests_total", priority="high", outcome="completed")
+    assert completed == after["high"]["completed"]
+    assert sample(samples, "gateway_e2e_latency_seconds_bucket", priority="low", le="+Inf") is not None
+    assert sample(samples, "gateway_errors_total", priority="low", outcome="error", kind="not_found") >= 1
+    assert sample(samples, "gateway_replicas") == 1
+    [replica] = [labels for name, labels in samples if name == "gateway_replica_dispatched_total"]
+    targets = httpx.get(f"{gateway}/metrics/targets").json()
+    assert targets == [{"targets": [dict(replica)["replica"]], "labels": {}}]
+    engine = metric_samples(httpx.get(f"http://{targets[0]['targets'][0]}/metrics").text)
+    assert any(name == "vllm:num_requests_running" for name, _ in engine), "the target is vLLM's own server"

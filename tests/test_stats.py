@@ -1,3 +1,6 @@
+from conftest import metric_samples, sample
+
+from serve_app.observability import catalog
 from serve_app.observability.stats import GatewayStats, RequestRecord, percentile
 
 
@@ -31,12 +34,74 @@ def test_counts_and_histograms_per_priority():
     assert summary["low"]["e2e_latency_seconds"]["count"] == 0, "only completed requests count in e2e latency"
     assert summary["medium"]["retried"] == 1 and summary["medium"]["preempted"] == 2
     assert summary["high"]["retried"] == 0
-    text = stats.prometheus()
-    assert 'gateway_retried_total{priority="medium"} 1' in text
-    assert 'gateway_requests_total{priority="high",outcome="completed"} 2' in text
-    assert 'gateway_e2e_latency_seconds_bucket{priority="high",le="1.0"} 1' in text
-    assert 'gateway_e2e_latency_seconds_bucket{priority="high",le="+Inf"} 2' in text
-    assert 'gateway_errors_total{priority="low",outcome="rejected",kind="queue_full"} 1' in text
+    samples = metric_samples(stats.prometheus())
+    assert sample(samples, "gateway_retries_total", priority="medium") == 1
+    assert sample(samples, "gateway_preemptions_total", priority="medium") == 2
+    assert sample(samples, "gateway_requests_total", priority="high", outcome="completed") == 2
+    assert sample(samples, "gateway_e2e_latency_seconds_bucket", priority="high", le="1.0") == 1
+    assert sample(samples, "gateway_e2e_latency_seconds_bucket", priority="high", le="+Inf") == 2
+    assert sample(samples, "gateway_e2e_latency_seconds_count", priority="low") == 0
+    assert sample(samples, "gateway_errors_total", priority="low", outcome="rejected", kind="queue_full") == 1
+
+
+STATE = {
+    "queued_high": 1,
+    "queued_medium": 0,
+    "queued_low": 2,
+    "in_flight": 3,
+    "capacity": 8,
+    "unloaded_ms_per_token": 12.5,
+    "shed_at_arrival_low": 4,
+    "replica_detail": [{"replica": "10.0.0.5:41000", "in_flight": 3, "limit": 5, "dispatched": 9, "draining": False}],
+}
+
+
+def test_admissions_state_is_published_with_units_in_the_names():
+    samples = metric_samples(GatewayStats().prometheus(STATE))
+    assert sample(samples, "gateway_queued_requests", priority="low") == 2
+    assert sample(samples, "gateway_in_flight_requests") == 3 and sample(samples, "gateway_capacity") == 8
+    assert sample(samples, "gateway_unloaded_seconds_per_token") == 0.0125
+    assert sample(samples, "gateway_shed_at_arrival_total", priority="low") == 4
+    assert sample(samples, "gateway_shed_at_arrival_total", priority="high") == 0
+    assert sample(samples, "gateway_replica_dispatched_total", replica="10.0.0.5:41000") == 9
+    assert sample(samples, "gateway_replica_in_flight_requests", replica="10.0.0.5:41000") == 3
+
+
+def test_label_values_from_upstream_are_escaped_by_the_library():
+    stats = GatewayStats()
+    stats.add_many([RequestRecord("low", "error", kind="bad_request")])
+    stats.classes["low"].errors['error:odd "kind"\\n'] += 1  # as if a kind carried quotes and a backslash
+    samples = metric_samples(stats.prometheus())
+    assert sample(samples, "gateway_errors_total", priority="low", outcome="error", kind='odd "kind"\\n') == 1
+
+
+def test_every_figure_is_recorded_alike_on_both_sides():
+    """One catalog: OpenTelemetry counts e2e latency and tokens for completed requests only, as Prometheus does."""
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from serve_app.observability.otel import OtelBridge
+
+    records = [
+        RequestRecord("low", "rejected", kind="queue_full", e2e_s=0.001, queue_wait_s=0.0),
+        RequestRecord("low", "completed", admitted=True, queue_wait_s=0.1, ttft_s=0.2, e2e_s=0.4, output_tokens=9),
+    ]
+    reader = InMemoryMetricReader()
+    bridge = OtelBridge("console", reader=reader)
+    stats = GatewayStats()
+    for record in records:
+        bridge.record(record)
+    stats.add_many(records)
+    otel = {
+        m.name: sum(p.count for p in m.data.data_points)
+        for rm in reader.get_metrics_data().resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+        if hasattr(m.data.data_points[0], "count")
+    }
+    samples = metric_samples(stats.prometheus())
+    for figure in catalog.DISTRIBUTIONS:
+        assert otel.get(figure.otel, 0) == sample(samples, f"{figure.prometheus}_count", priority="low"), figure
+    bridge.shutdown()
 
 
 def test_opentelemetry_mirror_records_per_priority():

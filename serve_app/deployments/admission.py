@@ -16,6 +16,7 @@ import logging
 import math
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import ray
@@ -246,6 +247,16 @@ class AdmissionActor:
             "unloaded_ms_per_token": round(min(tpots) * 1000, 3) if tpots else 0,
             **{f"preempt_asks_{p.label}": scheduler.preempt_asks[p] for p in Priority},
             **{f"shed_at_arrival_{p.label}": scheduler.shed_count[p] for p in Priority},
+            "replica_detail": [
+                {
+                    "replica": urlsplit(r.url).netloc,  # the engine's host:port, as Prometheus names its target
+                    "in_flight": r.in_flight,
+                    "limit": r.limit,
+                    "dispatched": r.dispatched,
+                    "draining": r.draining,
+                }
+                for r in scheduler.replicas
+            ],
         }
 
     def _not_ready_message(self) -> str:

@@ -24,6 +24,7 @@ from typing import Any
 
 import aiohttp
 import ray
+from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -180,9 +181,9 @@ class LLMServer:
         async with self.session.get(f"{self.url}/metrics") as response:
             text = await response.text()
         total = 0.0
-        for line in text.splitlines():
-            if line.startswith(("vllm:num_requests_running{", "vllm:num_requests_waiting{")):
-                total += float(line.rsplit(" ", 1)[1])
+        for family in text_string_to_metric_families(text):
+            if family.name in ("vllm:num_requests_running", "vllm:num_requests_waiting"):
+                total += sum(s.value for s in family.samples)
         return int(total)
 
 

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("ray.serve")
 
 Handler = Callable[[Request], Awaitable[Response]]
-ADMIN_PATHS = frozenset({"/metrics", "/v1/stats"})
+ADMIN_PATHS = frozenset({"/metrics", "/metrics/targets", "/v1/stats"})
 OPEN_PATHS = frozenset({"/health"})  # load balancers and probes carry no key
 
 
@@ -56,6 +56,7 @@ class HttpApi:
             Route("/health", self._health, methods=["GET"]),
             Route("/metrics", self._prometheus, methods=["GET"]),
             Route("/v1/stats", self._stats, methods=["GET"]),
+            Route("/metrics/targets", self._targets, methods=["GET"]),
         ]
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -148,6 +149,13 @@ class HttpApi:
 
     async def _stats(self, request: Request) -> Response:
         return JSONResponse(await self.stats())
+
+    async def _targets(self, request: Request) -> Response:
+        """Prometheus's HTTP service discovery (`http_sd_configs`): every LLM replica's vLLM server, whose own
+        /metrics has the engine's figures. A replica's `instance` is the `replica` label of the gateway's."""
+        state = await self.router.admission.state()
+        targets = [replica["replica"] for replica in state.get("replica_detail", [])]
+        return JSONResponse([{"targets": targets, "labels": {}}] if targets else [])
 
     # ---- the gateway's state, also for handle callers ------------------------------------------
 

@@ -1,9 +1,12 @@
-"""Mirrors each finished request into OpenTelemetry instruments, for collectors that speak OTLP."""
+"""Mirrors each finished request into OpenTelemetry instruments, for collectors that speak OTLP.
+
+The instruments and what each records come from `catalog`, as the Prometheus side's do."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from serve_app.observability import catalog
 from serve_app.observability.stats import RequestRecord
 
 
@@ -25,20 +28,18 @@ class OtelBridge:
             reader = PeriodicExportingMetricReader(metric_exporter, export_interval_millis=export_interval_ms)
         self.provider = MeterProvider(metric_readers=[reader])
         meter = self.provider.get_meter("serve_app.gateway")
-        self.requests = meter.create_counter("gateway.requests", description="Requests that ended")
-        self.latency = {
-            "queue_wait_s": meter.create_histogram("gateway.queue_wait", unit="s"),
-            "ttft_s": meter.create_histogram("gateway.time_to_first_token", unit="s"),
-            "e2e_s": meter.create_histogram("gateway.e2e_latency", unit="s"),
-            "output_tokens": meter.create_histogram("gateway.output_tokens", unit="{token}"),
-        }
+        self.requests = meter.create_counter(catalog.REQUESTS.otel, description=catalog.REQUESTS.help)
+        self.distributions = [
+            (figure, meter.create_histogram(figure.otel, unit=figure.unit, description=figure.help))
+            for figure in catalog.DISTRIBUTIONS
+        ]
 
     def record(self, record: RequestRecord) -> None:
         attributes = {"priority": record.priority, "outcome": record.outcome}
         self.requests.add(1, {**attributes, "kind": record.kind.value if record.kind else ""})
-        for name, instrument in self.latency.items():
-            value = getattr(record, name)
-            if value is not None:
+        for figure, instrument in self.distributions:
+            value = getattr(record, figure.field)
+            if value is not None and (record.outcome == "completed" or not figure.completed_only):
                 instrument.record(value, attributes)
 
     def shutdown(self) -> None:

@@ -1,6 +1,7 @@
-"""Per-priority request figures: counters, histograms and percentiles, rendered as Prometheus text or JSON.
+"""Per-priority request figures: counters, histograms and percentiles, as JSON or through `prometheus_client`.
 
-Pure bookkeeping with no Ray in it; the metrics actor owns one `GatewayStats`.
+Bookkeeping with no Ray in it; the metrics actor owns one `GatewayStats`. What each figure is called
+on either side is in `catalog`; `prometheus_client` writes the text (names, types, escaping, HELP).
 """
 
 from __future__ import annotations
@@ -8,27 +9,20 @@ from __future__ import annotations
 import bisect
 import math
 from collections import Counter, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
 from serve_app.errors import ErrorKind
+from serve_app.observability import catalog
 from serve_app.policy.priority import Priority
 
 Outcome = Literal["completed", "rejected", "cancelled", "error"]
 OUTCOMES: tuple[Outcome, ...] = ("completed", "rejected", "cancelled", "error")
 PRIORITIES = tuple(p.label for p in Priority)
-
-SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
-
-# name -> (help text, buckets)
-HISTOGRAMS: dict[str, tuple[str, Sequence[float]]] = {
-    "queue_wait_seconds": ("Time a request waited in the router's priority queue", SECONDS_BUCKETS),
-    "time_to_first_token_seconds": ("Arrival at the router to the first generated token", SECONDS_BUCKETS),
-    "e2e_latency_seconds": ("Arrival at the router to the last byte of the response", SECONDS_BUCKETS),
-    "output_tokens": ("Generated tokens per completed request", TOKEN_BUCKETS),
-}
 
 
 @dataclass
@@ -100,7 +94,7 @@ class ClassStats:
         self.admitted = 0
         self.preempted = 0
         self.retried = 0
-        self.histograms = {name: Histogram(buckets) for name, (_, buckets) in HISTOGRAMS.items()}
+        self.histograms = {d.summary_key: Histogram(d.buckets) for d in catalog.DISTRIBUTIONS}
 
     def add(self, record: RequestRecord) -> None:
         self.outcomes[record.outcome] += 1
@@ -110,14 +104,10 @@ class ClassStats:
             self.admitted += 1
         self.preempted += record.preemptions
         self.retried += record.retried
-        for name, value in (
-            ("queue_wait_seconds", record.queue_wait_s),
-            ("time_to_first_token_seconds", record.ttft_s),
-            ("e2e_latency_seconds", record.e2e_s if record.outcome == "completed" else None),
-            ("output_tokens", record.output_tokens if record.outcome == "completed" else None),
-        ):
-            if value is not None:
-                self.histograms[name].observe(value)
+        for figure in catalog.DISTRIBUTIONS:
+            value = getattr(record, figure.field)
+            if value is not None and (record.outcome == "completed" or not figure.completed_only):
+                self.histograms[figure.summary_key].observe(value)
 
 
 class GatewayStats:
@@ -144,45 +134,77 @@ class GatewayStats:
         return {"object": "gateway.stats", "priorities": per_priority, "router": gateway_state or {}}
 
     def prometheus(self, gateway_state: dict[str, Any] | None = None) -> str:
-        lines: list[str] = []
+        """The Prometheus exposition of these figures and of Admission's live state."""
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Collector(self, gateway_state or {}))
+        return generate_latest(registry).decode()
 
-        def header(name: str, kind: str, help_text: str) -> None:
-            lines.append(f"# HELP {name} {help_text}")
-            lines.append(f"# TYPE {name} {kind}")
 
-        header("gateway_requests_total", "counter", "Requests that ended, by priority and outcome")
-        for label, stats in self.classes.items():
+class _Collector:
+    """A `prometheus_client` collector over `GatewayStats`: families built at each scrape from the catalog."""
+
+    def __init__(self, stats: GatewayStats, state: dict[str, Any]) -> None:
+        self.stats = stats
+        self.state = state
+
+    def collect(self) -> Iterator[Metric]:
+        classes = self.stats.classes
+        requests = CounterMetricFamily(
+            catalog.REQUESTS.prometheus, catalog.REQUESTS.help, labels=["priority", "outcome"]
+        )
+        errors = CounterMetricFamily(
+            catalog.ERRORS.prometheus, catalog.ERRORS.help, labels=["priority", "outcome", "kind"]
+        )
+        for label, stats in classes.items():
             for outcome in OUTCOMES:
-                lines.append(
-                    f'gateway_requests_total{{priority="{label}",outcome="{outcome}"}} {stats.outcomes[outcome]}'
-                )
-        header("gateway_admitted_total", "counter", "Requests that got a replica slot")
-        for label, stats in self.classes.items():
-            lines.append(f'gateway_admitted_total{{priority="{label}"}} {stats.admitted}')
-        header("gateway_preempted_total", "counter", "Times a request gave up its slot before its first token")
-        for label, stats in self.classes.items():
-            lines.append(f'gateway_preempted_total{{priority="{label}"}} {stats.preempted}')
-        header("gateway_retried_total", "counter", "Requests sent again after a replica failed before the first byte")
-        for label, stats in self.classes.items():
-            lines.append(f'gateway_retried_total{{priority="{label}"}} {stats.retried}')
-        header("gateway_errors_total", "counter", "Rejected, cancelled and failed requests by kind")
-        for label, stats in self.classes.items():
+                requests.add_metric([label, outcome], stats.outcomes[outcome])
             for key, count in sorted(stats.errors.items()):
-                outcome, kind = key.split(":", 1)
-                lines.append(f'gateway_errors_total{{priority="{label}",outcome="{outcome}",kind="{kind}"}} {count}')
-        for name, (help_text, buckets) in HISTOGRAMS.items():
-            metric = f"gateway_{name}"
-            header(metric, "histogram", help_text)
-            for label, stats in self.classes.items():
-                hist = stats.histograms[name]
-                cumulative = 0
-                for bound, count in zip([*buckets, math.inf], hist.counts, strict=True):
+                errors.add_metric([label, *key.split(":", 1)], count)
+        yield requests
+        yield errors
+        for count, attribute in (
+            (catalog.ADMITTED, "admitted"),
+            (catalog.PREEMPTIONS, "preempted"),
+            (catalog.RETRIES, "retried"),
+        ):
+            family = CounterMetricFamily(count.prometheus, count.help, labels=["priority"])
+            for label, stats in classes.items():
+                family.add_metric([label], getattr(stats, attribute))
+            yield family
+        for figure in catalog.DISTRIBUTIONS:
+            histogram = HistogramMetricFamily(figure.prometheus, figure.help, labels=["priority"])
+            for label, stats in classes.items():
+                hist = stats.histograms[figure.summary_key]
+                cumulative, buckets = 0, []
+                for bound, count in zip([*figure.buckets, math.inf], hist.counts, strict=True):
                     cumulative += count
-                    le = "+Inf" if bound == math.inf else repr(float(bound))
-                    lines.append(f'{metric}_bucket{{priority="{label}",le="{le}"}} {cumulative}')
-                lines.append(f'{metric}_sum{{priority="{label}"}} {hist.total}')
-                lines.append(f'{metric}_count{{priority="{label}"}} {hist.n}')
-        for key, value in (gateway_state or {}).items():
-            header(f"gateway_{key}", "gauge", f"Gateway {key.replace('_', ' ')}, now")
-            lines.append(f"gateway_{key} {value}")
-        return "\n".join(lines) + "\n"
+                    buckets.append(("+Inf" if bound == math.inf else str(float(bound)), cumulative))
+                histogram.add_metric([label], buckets, hist.total)
+            yield histogram
+        yield from self._state()
+
+    def _state(self) -> Iterator[Metric]:
+        state = self.state
+        if not state:
+            return
+        for gauge in catalog.STATE_PER_PRIORITY:
+            family = _family(gauge, ["priority"])
+            for label in PRIORITIES:
+                family.add_metric([label], state.get(f"{gauge.state_key}_{label}", 0) * gauge.scale)
+            yield family
+        for gauge in catalog.STATE:
+            if gauge.state_key in state:
+                family = _family(gauge, [])
+                family.add_metric([], state[gauge.state_key] * gauge.scale)
+                yield family
+        replicas = state.get("replica_detail") or []
+        for gauge in catalog.STATE_PER_REPLICA:
+            family = _family(gauge, ["replica"])
+            for replica in replicas:
+                family.add_metric([replica["replica"]], replica[gauge.state_key] * gauge.scale)
+            yield family
+
+
+def _family(gauge: catalog.Gauge, labels: list[str]) -> CounterMetricFamily | GaugeMetricFamily:
+    kind = CounterMetricFamily if gauge.counter else GaugeMetricFamily
+    return kind(gauge.prometheus, gauge.help, labels=labels)

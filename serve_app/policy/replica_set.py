@@ -53,6 +53,7 @@ class Replica:
     max_ongoing: int
     limiter: KneeLimit | None = None
     in_flight: int = 0
+    dispatched: int = 0  # requests ever sent here
     live: bool = True  # False once removed: slots still held on it are returned to nobody
     draining: bool = False  # shutting down: finishes what it runs, takes nothing new
 
@@ -169,6 +170,7 @@ class ReplicaSet:
         if best is None or room <= 0:
             return None
         best.in_flight += 1
+        best.dispatched += 1
         return best
 
     def give_back(self, replica: Replica) -> None:
