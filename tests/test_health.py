@@ -6,7 +6,7 @@ import asyncio
 
 import aiohttp
 from aiohttp import web
-from conftest import free_port
+from conftest import free_port, serve_in_process
 
 from serve_app.deployments.health import answers_health, health_status
 
@@ -22,11 +22,7 @@ async def _server(status: int = 200, hold: asyncio.Event | None = None) -> tuple
 
     app = web.Application()
     app.router.add_get("/health", health)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    host, port = runner.addresses[0][:2]
-    return runner, f"http://{host}:{port}"
+    return await serve_in_process(app)
 
 
 async def test_a_200_is_healthy():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from aiohttp import web
+from conftest import serve_in_process
 
 from serve_app.config import QueueConfig
 from serve_app.deployments.admission import AdmissionActor
@@ -12,11 +13,7 @@ async def _health_server() -> tuple[web.AppRunner, str]:
     """A replica that answers /health, on a port the kernel picks; and its URL."""
     app = web.Application()
     app.router.add_get("/health", lambda request: web.Response(text="ok"))
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    host, port = runner.addresses[0][:2]
-    return runner, f"http://{host}:{port}"
+    return await serve_in_process(app)
 
 
 async def test_one_failed_connection_keeps_a_healthy_replica_and_a_dead_one_leaves():

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from aiohttp import web
+from conftest import serve_in_process
 
 from serve_app.config import AdmissionConfig, AppArgs, QueueConfig
 from serve_app.deployments.admission import AdmissionActor
@@ -52,11 +53,7 @@ class FakeReplica:
         app.router.add_get("/health", self.health)
         app.router.add_post("/v1/chat/completions", self.generate)
         app.router.add_post("/v1/completions", self.generate)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
-        host, port = self.runner.addresses[0][:2]
-        self.url = f"http://{host}:{port}"
+        self.runner, self.url = await serve_in_process(app)
         return self
 
     async def health(self, request: web.Request) -> web.Response:
