@@ -240,3 +240,6 @@ class AppArgs(StrictModel):
         "none", description="also export the figures through OpenTelemetry"
     )
     tracing: TracingConfig = TracingConfig()
+    access_log: bool = Field(
+        False, description="one JSON line per finished request on the `serve_app.access` logger (docs/tracing.md)"
+    )

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,6 +23,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from router_harness import CHAT, TOKENS, Gateway, open_gateway, post, sse, wait_until, wait_until_async
+
+from serve_app.observability import access_log
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -225,7 +229,7 @@ async def test_a_client_that_leaves_ends_the_spans_as_cancelled(traced, receiver
         assert (got["gateway.outcome"], got["gateway.error_kind"]) == ("cancelled", "client_gone")
 
 
-# ---- sampling, and tracing off ------------------------------------------------------------------
+# ---- sampling, tracing off, and the access log's trace id ----------------------------------------
 
 
 async def test_the_sample_ratio_drops_new_traces_but_a_clients_sampled_flag_is_followed(receiver):
@@ -248,3 +252,19 @@ async def test_tracing_off_makes_no_spans_and_sends_no_traceparent(receiver):
         assert response.status_code == 200
         assert "traceparent" not in fake.headers[0]
     assert receiver.spans == []
+
+
+async def test_the_access_log_line_names_the_trace(receiver):
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    access_log.logger.addHandler(handler)
+    try:
+        tracing = {"enabled": True, "otlp_endpoint": receiver.url}
+        async with open_gateway(tracing=tracing, access_log=True) as gateway:
+            await gateway.replica()
+            assert (await post(gateway, CHAT, traceparent=TRACEPARENT)).status_code == 200
+    finally:
+        access_log.logger.removeHandler(handler)
+    [line] = lines
+    assert json.loads(line)["trace_id"] == TRACE_ID

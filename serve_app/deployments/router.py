@@ -30,6 +30,7 @@ from serve_app.http import relay
 from serve_app.http import server as http_server
 from serve_app.http.request_body import checked_class, engine_body
 from serve_app.http.routes import HttpApi
+from serve_app.observability import access_log
 from serve_app.observability.reporter import MetricsReporter
 from serve_app.observability.stats import Outcome, RequestRecord
 from serve_app.observability.tracing import RequestTrace, RequestTracer
@@ -72,7 +73,7 @@ class InFlight:
     preemptions: int = 0
     retried: bool = False  # sent again once after a replica failed before the first byte
     error_kind: ErrorKind | None = None  # the stream carried the engine's error event
-    model: str | None = None  # the body's `model`, for the trace
+    model: str | None = None  # the body's `model`, for the access log and the trace
     trace: RequestTrace | None = None  # its spans, when tracing is on
 
     @property
@@ -153,6 +154,9 @@ class Router:
         self.router_id = _new_id()
         self.http = HttpApi(self, args.auth.resolved(), args.http.max_body_bytes)
         self.tracer = RequestTracer(args.tracing) if args.tracing.enabled else None
+        self.access_log = args.access_log
+        if self.access_log:
+            access_log.enable()
         self._flights: dict[str, InFlight] = {}  # holding a slot, by request id: for preemption and shutdown
         self._reports: set[asyncio.Future[None]] = set()
         # No total timeout: a stream lasts as long as generation does. Unlimited pool: admission bounds it.
@@ -386,6 +390,11 @@ class Router:
             per_token_s = flight.per_token_s if record.outcome == "completed" else None
             self.admission.release(flight.request_id, per_token_s, flight.output_tokens)
         self.reporter.add(record)
+        if self.access_log:
+            trace_id = flight.trace.trace_id if flight.trace is not None else None
+            access_log.logger.info(
+                access_log.line(record, flight.request_id, flight.model, flight.tenant, flight.replica_url, trace_id)
+            )
 
     async def _send_records(self, records: list[dict[str, Any]]) -> None:
         await self.metrics.record.remote(records)
