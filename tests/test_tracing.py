@@ -11,6 +11,7 @@ import asyncio
 import gzip
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -166,6 +167,21 @@ async def test_a_request_without_a_traceparent_starts_a_trace_of_its_own(traced,
     assert children[2].events == [], "a whole answer has no first byte of its own"
     assert attributes(root)["gateway.outcome"] == "completed" and "gateway.ttft_s" not in attributes(root)
     assert traceparent_ids(fake.headers[0]["traceparent"])[:2] == (trace_id, children[1].span_id.hex())
+
+
+async def test_a_call_without_headers_as_through_a_deployment_handle_starts_a_trace(traced, receiver):
+    fake = await traced.replica()
+    router = traced.router
+    flight = router.open_flight("completions", {"prompt": "hi"}, "low", None, time.monotonic())  # as _handle_call
+    status, _ = await router.whole_answer(flight, await router.dispatch(flight, {"prompt": "hi"}))
+    assert status == 200
+
+    [(trace_id, spans)] = (await traces(traced, receiver)).items()
+    root, children = split(spans)
+    assert root.parent_span_id == b"" and len(children) == 3
+    assert (attributes(root)["gateway.endpoint"], attributes(root)["gateway.priority"]) == ("completions", "low")
+    assert "gen_ai.request.model" not in attributes(root)
+    assert traceparent_ids(fake.headers[0]["traceparent"])[0] == trace_id
 
 
 async def test_a_rejected_request_ends_its_spans_with_its_outcome(traced, receiver):
