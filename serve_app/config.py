@@ -211,6 +211,17 @@ class AuthConfig(StrictModel):
         return {c.name: (c.requests_per_s, c.output_tokens_per_min) for c in self.resolved().values()}
 
 
+class TracingConfig(StrictModel):
+    """OpenTelemetry traces of requests, one root span each in the Router (docs/tracing.md); off by default."""
+
+    enabled: bool = False
+    otlp_endpoint: str = Field("http://127.0.0.1:4318/v1/traces", description="an OTLP/HTTP collector's traces URL")
+    service_name: str = Field("serve-app-gateway", description="the `service.name` of the gateway's spans")
+    sample_ratio: float = Field(
+        1.0, ge=0, le=1, description="share of new traces kept; a client's traceparent decides for its own"
+    )
+
+
 class AppArgs(StrictModel):
     llm: LLMConfig = LLMConfig()
     queue: QueueConfig = QueueConfig()
@@ -227,4 +238,8 @@ class AppArgs(StrictModel):
     metrics_flush_s: float = Field(0.5, gt=0, description="how often the router sends finished requests to metrics")
     otel_exporter: Literal["none", "console", "otlp"] = Field(
         "none", description="also export the figures through OpenTelemetry"
+    )
+    tracing: TracingConfig = TracingConfig()
+    access_log: bool = Field(
+        False, description="one JSON line per finished request on the `serve_app.access` logger (docs/tracing.md)"
     )

@@ -14,7 +14,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,8 +30,10 @@ from serve_app.http import relay
 from serve_app.http import server as http_server
 from serve_app.http.request_body import checked_class, engine_body
 from serve_app.http.routes import HttpApi
+from serve_app.observability import access_log
 from serve_app.observability.reporter import MetricsReporter
 from serve_app.observability.stats import Outcome, RequestRecord
+from serve_app.observability.tracing import RequestTrace, RequestTracer
 from serve_app.policy.api_keys import KeyPolicy
 from serve_app.policy.lifecycle import Failure, Next, Stage, after_failure
 from serve_app.policy.priority import Priority
@@ -39,6 +41,7 @@ from serve_app.policy.priority import Priority
 logger = logging.getLogger("ray.serve")
 
 ENDPOINT_PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+JSON_HEADERS = {"content-type": "application/json"}
 # Shorter answers are mostly prefill: they would teach the adaptive limit little but noise.
 MIN_SAMPLE_TOKENS = 8
 
@@ -70,6 +73,8 @@ class InFlight:
     preemptions: int = 0
     retried: bool = False  # sent again once after a replica failed before the first byte
     error_kind: ErrorKind | None = None  # the stream carried the engine's error event
+    model: str | None = None  # the body's `model`, for the access log and the trace
+    trace: RequestTrace | None = None  # its spans, when tracing is on
 
     @property
     def admitted(self) -> bool:
@@ -95,11 +100,15 @@ class InFlight:
         self.queue_wait_s = (self.queue_wait_s or 0.0) + grant.queue_wait_s
         self.body = body
         self.replica_url = grant.url
+        if self.trace is not None:
+            self.trace.granted(grant.queue_wait_s, grant.url, grant.url + ENDPOINT_PATHS[self.endpoint])
 
     def requeued(self, retry: bool) -> None:
         """Its slot given back: it queues again under a new id; `retry` spends its one retry."""
         self.retried = self.retried or retry
         self.request_id = _new_id()
+        if self.trace is not None:
+            self.trace.requeued(retry, self.request_id, self.upstream.status if self.upstream is not None else None)
         self.stage = Stage.QUEUED
         if self.upstream is not None:
             self.upstream.close()  # a no-op when it already broke
@@ -127,6 +136,8 @@ class InFlight:
             preemptions=self.preemptions,
             retried=self.retried,
         )
+        if self.trace is not None:
+            self.trace.finish(record)
         self.on_finish(self, record)
 
 
@@ -142,6 +153,10 @@ class Router:
         self.reporter = MetricsReporter(self._send_records, args.metrics_flush_s)
         self.router_id = _new_id()
         self.http = HttpApi(self, args.auth.resolved(), args.http.max_body_bytes)
+        self.tracer = RequestTracer(args.tracing) if args.tracing.enabled else None
+        self.access_log = args.access_log
+        if self.access_log:
+            access_log.enable()
         self._flights: dict[str, InFlight] = {}  # holding a slot, by request id: for preemption and shutdown
         self._reports: set[asyncio.Future[None]] = set()
         # No total timeout: a stream lasts as long as generation does. Unlimited pool: admission bounds it.
@@ -158,11 +173,31 @@ class Router:
     # ---- dispatch ------------------------------------------------------------------------------
 
     def open_flight(
-        self, endpoint: str, body: dict[str, Any], priority: str | None, key: KeyPolicy | None, arrived: float
+        self,
+        endpoint: str,
+        body: dict[str, Any],
+        priority: str | None,
+        key: KeyPolicy | None,
+        arrived: float,
+        headers: Mapping[str, str] | None = None,
     ) -> InFlight:
-        """A checked request's accounting (`request_body.checked_class`: 400 for a bad role or class)."""
+        """A checked request's accounting (`request_body.checked_class`: 400 for a bad role or class), and its
+        trace when tracing is on: under the W3C `traceparent` in `headers` if there is one, else a new one."""
         wanted = checked_class(endpoint, body, priority, key)
-        return InFlight(wanted, endpoint, arrived, self._on_finish, _tenant(key, body))
+        model = body.get("model")
+        flight = InFlight(
+            wanted,
+            endpoint,
+            arrived,
+            self._on_finish,
+            _tenant(key, body),
+            model=model[:200] if isinstance(model, str) else None,
+        )
+        if self.tracer is not None:
+            flight.trace = self.tracer.start(
+                headers, arrived, endpoint, wanted.label, flight.model, flight.tenant, flight.request_id
+            )
+        return flight
 
     async def dispatch(self, flight: InFlight, body: dict[str, Any], front: bool = False) -> aiohttp.ClientResponse:
         """Queue for a slot, send to its replica, and return the replica's response once its headers are in.
@@ -174,8 +209,9 @@ class Router:
             flight.finish("error", exc.kind)
             raise
         url = grant.url + ENDPOINT_PATHS[flight.endpoint]
+        headers = JSON_HEADERS if flight.trace is None else flight.trace.inject(JSON_HEADERS)
         try:
-            flight.upstream = await self.session.post(url, data=payload, headers={"content-type": "application/json"})
+            flight.upstream = await self.session.post(url, data=payload, headers=headers)
         except (aiohttp.ClientError, OSError) as exc:
             await self._report_failure(grant.url)  # before a retry, so that it goes elsewhere
             if self._next(flight, Failure.UNREACHABLE) is Next.RETRY:  # nothing was sent to the client
@@ -196,6 +232,8 @@ class Router:
             flight.upstream.close()
             await self._report_failure(grant.url)  # a dead engine takes no more
             return await self._queue_again(flight, retry=True)
+        if flight.trace is not None:
+            flight.trace.answered(flight.upstream.status)
         return flight.upstream  # a 5xx after the retry is passed through as the engine wrote it
 
     async def _acquire(self, flight: InFlight, body: dict[str, Any], front: bool) -> Grant:
@@ -352,6 +390,11 @@ class Router:
             per_token_s = flight.per_token_s if record.outcome == "completed" else None
             self.admission.release(flight.request_id, per_token_s, flight.output_tokens)
         self.reporter.add(record)
+        if self.access_log:
+            trace_id = flight.trace.trace_id if flight.trace is not None else None
+            access_log.logger.info(
+                access_log.line(record, flight.request_id, flight.model, flight.tenant, flight.replica_url, trace_id)
+            )
 
     async def _send_records(self, records: list[dict[str, Any]]) -> None:
         await self.metrics.record.remote(records)
@@ -369,6 +412,8 @@ class Router:
             task.cancel()
         await self.reporter.flush()  # the last requests' records
         await self.session.close()
+        if self.tracer is not None:
+            await asyncio.to_thread(self.tracer.shutdown)  # the last spans; it blocks on their export
 
 
 class RouterReplica(Router):

@@ -120,7 +120,9 @@ class HttpApi:
         arrived = time.monotonic()
         body = await read_json_body(request, self.max_body_bytes)
         key: KeyPolicy | None = getattr(request.state, "key", None)
-        flight = self.router.open_flight(endpoint, body, request.headers.get(PRIORITY_HEADER), key, arrived)
+        flight = self.router.open_flight(
+            endpoint, body, request.headers.get(PRIORITY_HEADER), key, arrived, request.headers
+        )
         try:
             upstream = await server.unless_disconnected(request.receive, self.router.dispatch(flight, body))
         except server.ClientGone:
