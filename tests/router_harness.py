@@ -151,7 +151,7 @@ async def open_gateway(**overrides: Any) -> AsyncIterator[Gateway]:
     try:
         yield gateway
         # Nothing left pending: no request in flight in the Router, no slot held or waiter queued in Admission.
-        await wait_until(lambda: not router._flights and not router._reports)
+        await wait_until(lambda: not router._flights and not router.admission.reports)
         await wait_until_async(lambda: actor.state(), lambda s: s["in_flight"] == 0)  # releases go in batches
         state = await actor.state()
         assert [state[f"queued_{c}"] for c in ("high", "medium", "low")] == [0, 0, 0]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,7 @@ class AdmissionClient:
         self._releases: list[Release] = []
         self._releasing = False
         self._sender: asyncio.Future[None] | None = None
+        self.reports: set[asyncio.Future[None]] = set()  # failure reports under way
 
     @classmethod
     def in_process(cls, actor: Any) -> AdmissionClient:
@@ -67,12 +69,35 @@ class AdmissionClient:
             self._releasing = True
             self._sender = asyncio.ensure_future(self._send_releases())  # held: the loop keeps weak references
 
-    async def preemptions(self, router_id: str) -> list[str]:
-        """Waits until Admission asks this Router to give up slots; returns those requests' ids."""
-        return await self._call("preemptions", router_id)
+    async def answer_preemptions(self, router_id: str, answer: Callable[[list[str]], None]) -> None:
+        """Runs until cancelled: Admission's asks that this Router give up slots, each batch of request ids
+        handed to `answer`. A failed wait (Admission restarting) is tried again a second later."""
+        while True:
+            try:
+                asked = await self._call("preemptions", router_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("waiting for preemption asks failed; retrying")
+                await asyncio.sleep(1)
+                continue
+            answer(asked)
+
+    def report_failure_soon(self, url: str | None) -> None:
+        """`report_failure` without waiting for it: at once, not at the next periodic check, since a dead
+        engine must take no more requests, while the stream that found it goes on."""
+        if url is None:
+            return
+        report = asyncio.ensure_future(self.report_failure(url))
+        self.reports.add(report)  # held until done: the loop keeps only weak references
+        report.add_done_callback(self.reports.discard)
 
     async def report_failure(self, url: str) -> None:
-        await self._call("report_failure", url)
+        """Never raises: while Admission restarts, its replicas register again, and the request goes on."""
+        try:
+            await self._call("report_failure", url)
+        except Exception:
+            logger.exception("reporting the failure of %s failed", url)
 
     async def state(self) -> dict[str, Any]:
         return await self._call("state")

@@ -158,7 +158,6 @@ class Router:
         if self.access_log:
             access_log.enable()
         self._flights: dict[str, InFlight] = {}  # holding a slot, by request id: for preemption and shutdown
-        self._reports: set[asyncio.Future[None]] = set()
         # No total timeout: a stream lasts as long as generation does. Unlimited pool: admission bounds it.
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, force_close=False, enable_cleanup_closed=True),
@@ -167,7 +166,9 @@ class Router:
         )
         self._background = [asyncio.ensure_future(self.reporter.run())]
         if args.admission.preempt_window_s is not None:
-            self._background.append(asyncio.ensure_future(self._answer_preemptions()))
+            self._background.append(
+                asyncio.ensure_future(self.admission.answer_preemptions(self.router_id, self._preempt))
+            )
         self._closing = False  # past the drain timeout: what is still running is cut, not retried
 
     # ---- dispatch ------------------------------------------------------------------------------
@@ -184,15 +185,7 @@ class Router:
         """A checked request's accounting (`request_body.checked_class`: 400 for a bad role or class), and its
         trace when tracing is on: under the W3C `traceparent` in `headers` if there is one, else a new one."""
         wanted = checked_class(endpoint, body, priority, key)
-        model = body.get("model")
-        flight = InFlight(
-            wanted,
-            endpoint,
-            arrived,
-            self._on_finish,
-            _tenant(key, body),
-            model=model[:200] if isinstance(model, str) else None,
-        )
+        flight = InFlight(wanted, endpoint, arrived, self._on_finish, _tenant(key, body), model=_model(body))
         if self.tracer is not None:
             flight.trace = self.tracer.start(
                 headers, arrived, endpoint, wanted.label, flight.model, flight.tenant, flight.request_id
@@ -300,7 +293,7 @@ class Router:
                             if self._next(flight, Failure.ENGINE_FAILED) is Next.RETRY:  # the client saw nothing
                                 reason = "an error event before the first byte"
                                 break
-                            self._report_in_background(flight.replica_url)
+                            self.admission.report_failure_soon(flight.replica_url)
                         flight.error_kind = kind
                     if flight.stage is Stage.STREAMING:
                         flight.first_chunk_at = time.monotonic()
@@ -334,7 +327,7 @@ class Router:
         if self._closing:  # cut by the Router's own shutdown, past its drain timeout
             error = _shut_down()
         else:
-            self._report_in_background(flight.replica_url)
+            self.admission.report_failure_soon(flight.replica_url)
             logger.warning("LLM replica failed mid-stream: %s", reason)
             error = GatewayError(502, f"the model replica failed mid-stream: {reason}", kind=ErrorKind.ENGINE_ERROR)
         flight.finish("error", error.kind)
@@ -350,37 +343,18 @@ class Router:
 
     # ---- replicas' failures and preemption -----------------------------------------------------
 
-    def _report_in_background(self, url: str | None) -> None:
-        """Told at once, not at the next periodic check: a dead engine must take no more requests."""
-        report = asyncio.ensure_future(self._report_failure(url))
-        self._reports.add(report)  # held until done: the loop keeps only weak references
-        report.add_done_callback(self._reports.discard)
-
     async def _report_failure(self, url: str | None) -> None:
-        if url is None:
-            return
-        try:
+        if url is not None:
             await self.admission.report_failure(url)
-        except Exception:  # Admission restarting: its replicas re-register, and the request goes on regardless
-            logger.exception("reporting the failure of %s failed", url)
 
-    async def _answer_preemptions(self) -> None:
+    def _preempt(self, asked: list[str]) -> None:
         """Admission's asks to give up a slot for a waiting high request. Only a stream that has not sent
         its first byte gives it up; any other ask is ignored, and Admission stops counting on it."""
-        while True:
-            try:
-                asked = await self.admission.preemptions(self.router_id)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception("waiting for preemption asks failed; retrying")
-                await asyncio.sleep(1)
-                continue
-            for request_id in asked:
-                flight = self._flights.get(request_id)
-                if flight is not None and flight.stage.preemptible and flight.upstream is not None:
-                    flight.preempt_asked = True
-                    flight.upstream.close()  # vLLM's server sees the hang-up and aborts the request
+        for request_id in asked:
+            flight = self._flights.get(request_id)
+            if flight is not None and flight.stage.preemptible and flight.upstream is not None:
+                flight.preempt_asked = True
+                flight.upstream.close()  # vLLM's server sees the hang-up and aborts the request
 
     # ---- accounting and shutdown ---------------------------------------------------------------
 
@@ -391,10 +365,7 @@ class Router:
             self.admission.release(flight.request_id, per_token_s, flight.output_tokens)
         self.reporter.add(record)
         if self.access_log:
-            trace_id = flight.trace.trace_id if flight.trace is not None else None
-            access_log.logger.info(
-                access_log.line(record, flight.request_id, flight.model, flight.tenant, flight.replica_url, trace_id)
-            )
+            access_log.write(record, flight)
 
     async def _send_records(self, records: list[dict[str, Any]]) -> None:
         await self.metrics.record.remote(records)
@@ -508,6 +479,12 @@ def _engine_payload(flight: InFlight, body: dict[str, Any]) -> bytes:
 def _shut_down() -> GatewayError:
     """For an answer still running when the Router stops past its drain timeout."""
     return GatewayError(503, "the gateway shut down before the answer was complete", kind=ErrorKind.SHUTDOWN)
+
+
+def _model(body: dict[str, Any]) -> str | None:
+    """The model a request names, for its trace and the access log; whatever a client sends, kept short."""
+    model = body.get("model")
+    return model[:200] if isinstance(model, str) else None
 
 
 def _tenant(key: KeyPolicy | None, body: dict[str, Any]) -> str | None:

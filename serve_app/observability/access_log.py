@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from typing import Any
 
 from serve_app.observability.stats import RequestRecord
 
@@ -26,6 +27,12 @@ def enable() -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.propagate = False
+
+
+def write(record: RequestRecord, flight: Any) -> None:
+    """`flight`: the Router's InFlight of the request (its id, model, tenant, replica and trace)."""
+    trace_id = flight.trace.trace_id if flight.trace is not None else None
+    logger.info(line(record, flight.request_id, flight.model, flight.tenant, flight.replica_url, trace_id))
 
 
 def line(
