@@ -124,3 +124,34 @@ def test_opentelemetry_mirror_records_per_priority():
     (point,) = metrics["gateway.e2e_latency"].data.data_points
     assert point.count == 1 and point.sum == 0.4
     bridge.shutdown()
+
+
+async def test_the_metric_names_in_the_readme_and_docs_are_the_ones_served():
+    """Every `gateway_*` name the README and docs/dashboard.md give is a family of /metrics, and every family of
+    /metrics is in the README's table; the state comes from a real Admission actor with a replica."""
+    import pathlib
+    import re
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from serve_app.config import QueueConfig
+    from serve_app.deployments.admission import AdmissionActor
+
+    actor = AdmissionActor(QueueConfig(), replica_check_s=3600)
+    await actor.register_replica("r1", "http://127.0.0.1:9", 4)
+    try:
+        text = GatewayStats().prometheus(await actor.state())
+    finally:
+        actor._checker.cancel()
+    served = set()
+    for family in text_string_to_metric_families(text):
+        suffix = "_total" if family.type == "counter" else ""
+        served.add(family.name + suffix)
+    root = pathlib.Path(__file__).parent.parent
+    readme = (root / "README.md").read_text()
+    table = readme[readme.index("### Metrics") : readme.index("### The dashboard")]
+    in_table = set(re.findall(r"`(gateway_[a-z0-9_]+)`", table))
+    assert in_table == served
+    for doc in ("README.md", "docs/dashboard.md"):
+        named = set(re.findall(r"\b(gateway_[a-z0-9_]+?)(?:_bucket|_sum|_count)?\b", (root / doc).read_text()))
+        assert named <= served, (doc, named - served)
