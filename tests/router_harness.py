@@ -130,7 +130,7 @@ async def open_gateway(**overrides: Any) -> AsyncIterator[Gateway]:
         {
             "http": {"port": 0, "max_body_bytes": 2048},
             "metrics_flush_s": 3600,
-            "admission": {"preempt_window_s": 5},
+            "admission": {"preempt_window_s": 600},  # no stall of a busy machine makes a victim too old
             **overrides,
         }
     )
@@ -155,6 +155,10 @@ async def open_gateway(**overrides: Any) -> AsyncIterator[Gateway]:
         await wait_until_async(lambda: actor.state(), lambda s: s["in_flight"] == 0)  # releases go in batches
         state = await actor.state()
         assert [state[f"queued_{c}"] for c in ("high", "medium", "low")] == [0, 0, 0]
+        # Also on replicas that left (a failed one's slots no longer count in `in_flight`): no slot, waiter or
+        # charge is left for any request id, and no release is still on its way.
+        await wait_until(lambda: not router.admission._releases and not router.admission._releasing)
+        assert (actor._slots, actor._waiting, actor._released_early, actor._tenants) == ({}, {}, set(), {})
     finally:
         await http_server.drain(server, 5)
         await router.close()

@@ -122,8 +122,8 @@ class AdmissionClient:
     # ---- transport -----------------------------------------------------------------------------
 
     async def _call(self, method: str, *args: Any) -> Any:
-        if self._local is not None:
-            return await getattr(self._local, method)(*args)
+        if self._local is not None:  # as over Ray, a caller that gives up does not cancel the call itself
+            return await asyncio.shield(asyncio.ensure_future(getattr(self._local, method)(*args)))
         for attempt in (1, 2):
             if self._actor is None:
                 self._actor = await self._owner.actor_handle.remote()

@@ -106,6 +106,7 @@ class InFlight:
     def requeued(self, retry: bool) -> None:
         """Its slot given back: it queues again under a new id; `retry` spends its one retry."""
         self.retried = self.retried or retry
+        self.preempt_asked = False  # an ask for the old id, come in while it was being given up
         self.request_id = _new_id()
         if self.trace is not None:
             self.trace.requeued(retry, self.request_id, self.upstream.status if self.upstream is not None else None)
@@ -198,8 +199,8 @@ class Router:
         grant = await self._acquire(flight, body, front)
         try:
             payload = _engine_payload(flight, body)
-        except GatewayError as exc:
-            flight.finish("error", exc.kind)
+        except Exception as exc:  # it holds a slot: finished here, or the slot would never be given back
+            flight.finish("error", exc.kind if isinstance(exc, GatewayError) else ErrorKind.INTERNAL)
             raise
         url = grant.url + ENDPOINT_PATHS[flight.endpoint]
         headers = JSON_HEADERS if flight.trace is None else flight.trace.inject(JSON_HEADERS)
@@ -248,8 +249,10 @@ class Router:
         self._flights[flight.request_id] = flight
         return grant
 
-    def _next(self, flight: InFlight, failure: Failure) -> Next:
-        return after_failure(flight.stage, failure, flight.retried, self._closing)
+    def _next(self, flight: InFlight, failure: Failure, shutting_down: bool = False) -> Next:
+        """`shutting_down`: only a stream cut by the Router's own shutdown is not sent again; a dispatch that
+        fails while the Router drains is still retried, as the request has no answer yet."""
+        return after_failure(flight.stage, failure, flight.retried, shutting_down)
 
     async def _queue_again(self, flight: InFlight, retry: bool = False) -> aiohttp.ClientResponse:
         """Gives back the slot, queues again at the head of its class under a new id, and sends once granted."""
@@ -311,13 +314,14 @@ class Router:
                 reason = type(exc).__name__
             failure = Failure.PREEMPTED if flight.preempt_asked else Failure.ENGINE_FAILED
             flight.preempt_asked = False
-            step = self._next(flight, failure)
+            step = self._next(flight, failure, self._closing)
             if step is Next.FAIL:
                 break
             if step is Next.RESTART:
                 flight.preemptions += 1
             else:
                 logger.warning("LLM replica failed before the first byte (%s); retrying once", reason)
+                flight.retried = True  # before the report: a client that leaves meanwhile is counted retried
                 await self._report_failure(flight.replica_url)  # so that the retry goes elsewhere
             try:
                 upstream = await self._restart(flight, retry=step is Next.RETRY)
@@ -327,7 +331,9 @@ class Router:
         if self._closing:  # cut by the Router's own shutdown, past its drain timeout
             error = _shut_down()
         else:
-            self.admission.report_failure_soon(flight.replica_url)
+            if failure is Failure.ENGINE_FAILED:  # not a preemption that came after a byte went out
+                self.admission.report_failure_soon(flight.replica_url)
+            reason = "preempted after its first byte" if failure is Failure.PREEMPTED else reason
             logger.warning("LLM replica failed mid-stream: %s", reason)
             error = GatewayError(502, f"the model replica failed mid-stream: {reason}", kind=ErrorKind.ENGINE_ERROR)
         flight.finish("error", error.kind)

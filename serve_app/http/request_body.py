@@ -33,13 +33,16 @@ def check_chat_roles(body: dict[str, Any]) -> None:
 
 def checked_class(endpoint: str, body: dict[str, Any], header: str | None, key: KeyPolicy | None) -> Priority:
     """The class a request runs at, after the checks the gateway makes itself (400s that name the field): a
-    chat message's role, and the class it asks for (the X-Priority header, else the body's `priority`). A
+    chat message's role, `chat_template_kwargs` (the gateway adds to it), and the class it asks for (the X-Priority header, else the body's `priority`). A
     class above the API key's highest is capped to it."""
     if endpoint == "chat":
         try:
             check_chat_roles(body)
         except InvalidBody as exc:
             raise GatewayError(400, str(exc), param=exc.param) from None
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise GatewayError(400, "chat_template_kwargs must be an object", param="chat_template_kwargs")
     try:
         wanted = request_priority(header, body)
     except InvalidPriority as exc:
