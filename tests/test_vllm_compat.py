@@ -46,3 +46,18 @@ def test_a_broken_dependency_inside_a_module_is_raised_not_called_unsupported(tm
     with pytest.raises(ModuleNotFoundError) as raised:
         vllm_compat._first("anything", "layout_with_broken_dep", "json")
     assert raised.value.name == "dependency_that_is_not_installed"
+
+
+def test_an_engines_unfinished_requests_are_its_running_and_waiting_gauges():
+    text = """# HELP vllm:num_requests_running Running.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 3.0
+# HELP vllm:num_requests_waiting Waiting.
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="m"} 2.0
+# HELP vllm:generation_tokens_total Tokens.
+# TYPE vllm:generation_tokens_total counter
+vllm:generation_tokens_total{engine="0",model_name="m"} 99.0
+"""
+    assert vllm_compat.unfinished_requests(text) == 5
+    assert vllm_compat.unfinished_requests("") == 0

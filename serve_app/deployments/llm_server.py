@@ -24,7 +24,6 @@ from typing import Any
 
 import aiohttp
 import ray
-from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -179,12 +178,7 @@ class LLMServer:
     async def num_unfinished(self) -> int:
         """Requests the engine holds, from vLLM's own gauges; the tests use it to see that aborts reach it."""
         async with self.session.get(f"{self.url}/metrics") as response:
-            text = await response.text()
-        total = 0.0
-        for family in text_string_to_metric_families(text):
-            if family.name in ("vllm:num_requests_running", "vllm:num_requests_waiting"):
-                total += sum(s.value for s in family.samples)
-        return int(total)
+            return vllm_compat.unfinished_requests(await response.text())
 
 
 def _free_port(host: str) -> int:

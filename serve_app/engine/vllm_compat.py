@@ -27,6 +27,18 @@ CLI_ARGS_MODULES = (
 )
 
 
+# vLLM's own gauges of the requests an engine holds, in its server's /metrics (the same names 0.26-0.33).
+UNFINISHED_GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting")
+
+
+def unfinished_requests(metrics_text: str) -> int:
+    """Requests an engine holds, running or waiting, from its server's /metrics text."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = text_string_to_metric_families(metrics_text)
+    return int(sum(s.value for f in families if f.name in UNFINISHED_GAUGES for s in f.samples))
+
+
 class UnsupportedVLLM(RuntimeError):
     pass
 
