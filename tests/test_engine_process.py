@@ -49,5 +49,9 @@ def test_api_server_count_starts_that_many_servers_in_front_of_one_engine():
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             raise
-    left = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
-    assert not left, f"left running after SIGTERM: {[c.name() for c in left]}"
+    # vLLM's server exits before the last of its children: multiprocessing's resource tracker (a plain `python`)
+    # still cleans up shared memory then, slowly on a busy machine. Each must be gone within the 30 s that a
+    # stopped engine is given (the cluster issue's bound), not at the instant the server itself exits.
+    _, alive = psutil.wait_procs(children, timeout=30)
+    left = [c for c in alive if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    assert not left, f"left running 30 s after SIGTERM: {[(c.name(), c.cmdline()[:4]) for c in left]}"
