@@ -142,7 +142,9 @@ class HttpApi:
         return JSONResponse(await self.models())
 
     async def _health(self, request: Request) -> Response:
-        return JSONResponse({"status": "ok", **await self.ready_state()})
+        """Open to probes without a key: the gateway's counts, not its engines' addresses (`/metrics/targets`)."""
+        state = {k: v for k, v in (await self.ready_state()).items() if k != "replica_detail"}
+        return JSONResponse({"status": "ok", **state})
 
     async def _prometheus(self, request: Request) -> Response:
         await self.router.reporter.flush()
