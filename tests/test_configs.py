@@ -87,3 +87,15 @@ def test_engine_options_become_vllm_flags():
     argv = to_cli({"max_model_len": 2048, "enforce_eager": True, "enable_prefix_caching": False, "x": None})
     assert argv == ["--max-model-len", "2048", "--enforce-eager", "--no-enable-prefix-caching"]
     assert to_cli({"limit_mm_per_prompt": {"image": 4}}) == ["--limit-mm-per-prompt", '{"image": 4}']
+
+
+def test_false_for_an_on_switch_without_a_negative_form_leaves_it_out():
+    """`disable_log_stats: false` (vLLM's default, which its Prometheus metrics need) once became
+    `--no-disable-log-stats`, which vLLM's parser refuses: the replica could not start."""
+    from serve_app.engine import vllm_compat
+
+    known = vllm_compat.serve_option_strings()
+    assert "--disable-log-stats" in known and "--no-disable-log-stats" not in known
+    assert to_cli({"disable_log_stats": False, "enable_prefix_caching": False}, known) == ["--no-enable-prefix-caching"]
+    args = parse_serve_args("m", "m", {"disable_log_stats": False, "enable_prefix_caching": False})
+    assert args.disable_log_stats is False and args.enable_prefix_caching is False

@@ -11,8 +11,10 @@ from typing import Any
 GATEWAY_ENGINE_DEFAULTS: dict[str, Any] = {"scheduling_policy": "priority", "disable_uvicorn_access_log": True}
 
 
-def to_cli(options: dict[str, Any]) -> list[str]:
-    """`{"max_model_len": 2048, "enforce_eager": True}` -> `["--max-model-len", "2048", "--enforce-eager"]`."""
+def to_cli(options: dict[str, Any], known: set[str] | None = None) -> list[str]:
+    """`{"max_model_len": 2048, "enforce_eager": True}` -> `["--max-model-len", "2048", "--enforce-eager"]`.
+    `False` is `--no-<flag>` where the parser has it (`known`: its option strings); a plain on-switch such as
+    `--disable-log-stats` has no negative form and is off unless given, so `False` leaves it out."""
     argv: list[str] = []
     for key, value in options.items():
         flag = "--" + key.replace("_", "-")
@@ -21,7 +23,9 @@ def to_cli(options: dict[str, Any]) -> list[str]:
         if value is True:
             argv.append(flag)
         elif value is False:
-            argv.append("--no-" + key.replace("_", "-"))
+            negative = "--no-" + key.replace("_", "-")
+            if known is None or negative in known or flag not in known:
+                argv.append(negative)  # a misspelt option still reaches the parser, which names it
         elif isinstance(value, dict):
             argv += [flag, json.dumps(value)]
         elif isinstance(value, (list, tuple)):
@@ -32,10 +36,12 @@ def to_cli(options: dict[str, Any]) -> list[str]:
 
 
 def _engine_flags(engine_kwargs: dict[str, Any]) -> list[str]:
+    from serve_app.engine import vllm_compat
+
     options = {**GATEWAY_ENGINE_DEFAULTS, **engine_kwargs}
     for owned in ("model", "served_model_name", "host", "port"):  # the gateway sets these itself
         options.pop(owned, None)
-    return to_cli(options)
+    return to_cli(options, vllm_compat.serve_option_strings())
 
 
 def parse_serve_args(model: str, served_model_name: str, engine_kwargs: dict[str, Any]) -> argparse.Namespace:

@@ -78,6 +78,13 @@ def _first(name: str, *modules: str) -> Any:
     raise UnsupportedVLLM(f"vLLM has no {name} in any of {', '.join(modules)}")
 
 
+def serve_option_strings() -> set[str]:
+    """Every option string `vllm serve`'s parser accepts (`--max-model-len`, `--no-enable-prefix-caching`, ...)."""
+    parser_cls = _first("FlexibleArgumentParser", "vllm.utils.argparse_utils")
+    parser = _first("make_arg_parser", *CLI_ARGS_MODULES)(parser_cls(prog="serve_app-engine"))
+    return set(parser._option_string_actions)
+
+
 def parse_serve_cli(argv: list[str]) -> argparse.Namespace:
     """Parses argv exactly as `vllm serve` does, with its validation."""
     parser_cls = _first("FlexibleArgumentParser", "vllm.utils.argparse_utils")
