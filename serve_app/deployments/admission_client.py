@@ -92,8 +92,11 @@ class AdmissionClient:
         self.reports.add(report)  # held until done: the loop keeps only weak references
         report.add_done_callback(self.reports.discard)
 
-    async def report_failure(self, url: str) -> None:
-        """Never raises: while Admission restarts, its replicas register again, and the request goes on."""
+    async def report_failure(self, url: str | None) -> None:
+        """Never raises: while Admission restarts, its replicas register again, and the request goes on.
+        `None` (a request that never reached a replica) reports nothing."""
+        if url is None:
+            return
         try:
             await self._call("report_failure", url)
         except Exception:

@@ -207,7 +207,7 @@ class Router:
         try:
             flight.upstream = await self.session.post(url, data=payload, headers=headers)
         except (aiohttp.ClientError, OSError) as exc:
-            await self._report_failure(grant.url)  # before a retry, so that it goes elsewhere
+            await self.admission.report_failure(grant.url)  # before a retry, so that it goes elsewhere
             if self._next(flight, Failure.UNREACHABLE) is Next.RETRY:  # nothing was sent to the client
                 logger.warning("LLM replica at %s unreachable (%s); retrying once", grant.url, type(exc).__name__)
                 return await self._queue_again(flight, retry=True)
@@ -224,7 +224,7 @@ class Router:
         if flight.upstream.status >= 500 and self._next(flight, Failure.ENGINE_FAILED) is Next.RETRY:
             logger.warning("LLM replica at %s answered %d; retrying once", grant.url, flight.upstream.status)
             flight.upstream.close()
-            await self._report_failure(grant.url)  # a dead engine takes no more
+            await self.admission.report_failure(grant.url)  # a dead engine takes no more
             return await self._queue_again(flight, retry=True)
         if flight.trace is not None:
             flight.trace.answered(flight.upstream.status)
@@ -322,7 +322,7 @@ class Router:
             else:
                 logger.warning("LLM replica failed before the first byte (%s); retrying once", reason)
                 flight.retried = True  # before the report: a client that leaves meanwhile is counted retried
-                await self._report_failure(flight.replica_url)  # so that the retry goes elsewhere
+                await self.admission.report_failure(flight.replica_url)  # so that the retry goes elsewhere
             try:
                 upstream = await self._restart(flight, retry=step is Next.RETRY)
             except GatewayError as exc:  # the finish is counted; the client learns why in the stream
@@ -348,10 +348,6 @@ class Router:
         return upstream
 
     # ---- replicas' failures and preemption -----------------------------------------------------
-
-    async def _report_failure(self, url: str | None) -> None:
-        if url is not None:
-            await self.admission.report_failure(url)
 
     def _preempt(self, asked: list[str]) -> None:
         """Admission's asks to give up a slot for a waiting high request. Only a stream that has not sent
