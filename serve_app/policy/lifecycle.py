@@ -22,10 +22,6 @@ class Stage(Enum):
     FINISHED = "finished"  # counted; nothing more happens to it
 
     @property
-    def holds_slot(self) -> bool:
-        return self in (Stage.SENT, Stage.STREAMING, Stage.ANSWERING)
-
-    @property
     def preemptible(self) -> bool:
         """Only a stream whose client has seen nothing: a whole answer being read cannot be cut and restarted
         without a client-visible error, and an answer under way would be repeated."""
