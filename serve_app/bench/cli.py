@@ -1,4 +1,12 @@
-"""`serve-app-bench`: sync vs async clients, concurrency and rate sweeps, per-priority latency, A/B ratios."""
+"""`serve-app-bench`: sync vs async clients, concurrency and rate sweeps, per-priority latency, A/B ratios.
+
+Prompts: built-in, a JSONL file (--prompts), unique synthetic prompts of about N tokens (--prompt-tokens N), or
+K shared prefixes with unique suffixes (--prefixes K --prefix-tokens L --suffix-tokens S); see
+serve_app/bench/workload.py. Synthetic prompts differ from step to step (A and B of a step get the same ones),
+so no step finds an earlier step's prompts in the prefix cache; the K prefixes are the same in every step.
+--engine-metrics reads the engines' prefix-cache counters around each step; a gateway's queue wait per request
+(its X-Queue-Wait-Ms header) is summarized when it is sent.
+"""
 
 from __future__ import annotations
 
@@ -16,9 +24,23 @@ import httpx
 
 from serve_app.bench.clients import RequestResult
 from serve_app.bench.load import Target, run_step
-from serve_app.bench.metrics import parse_slo, summarize
+from serve_app.bench.metrics import (
+    engine_urls,
+    parse_slo,
+    prefix_cache_delta,
+    prefix_cache_line,
+    scrape_prefix_cache,
+    summarize,
+)
 from serve_app.bench.report import markdown, plot, ratios, write_requests
-from serve_app.bench.workload import arrival_times, build_requests, load_prompts, parse_priority_mix
+from serve_app.bench.workload import (
+    add_workload_arguments,
+    arrival_times,
+    build_requests,
+    load_prompts,
+    parse_priority_mix,
+    workload_from_args,
+)
 
 QUICK = {"concurrency": "1,4,8", "max_tokens": 32, "mode": "both", "warmup": 2, "requests_per_client": 2}
 
@@ -52,6 +74,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="header",
         help="send the class in the priority header, or as bare vLLM's integer `priority` field",
     )
+    p.add_argument(
+        "--engine-metrics",
+        metavar="auto|URL,...",
+        help="read vLLM's prefix-cache counters around each step: a comma list of vLLM base URLs (server A "
+        "only), or auto: each server's /metrics/targets (a gateway), else the server itself (bare vLLM)",
+    )
     p.add_argument("--slo", help="goodput SLOs, e.g. ttft_ms=500,tpot_ms=50,e2el_ms=5000")
     p.add_argument("--timeout", type=float, default=120.0, help="per-request timeout, s")
     p.add_argument("--sync-workers", type=int, default=64, help="thread pool size of the sync client in open loop")
@@ -61,6 +89,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="run folder (default: bench-runs/<time>)")
     p.add_argument("--quick", action="store_true", help="a < 2 min smoke run: " + json.dumps(QUICK))
     p.add_argument("--no-plots", action="store_true")
+    add_workload_arguments(p)
     if p.parse_args(argv).quick:  # the preset only changes defaults: explicit flags still win
         p.set_defaults(**QUICK)
     args = p.parse_args(argv)
@@ -116,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         servers["B"] = args.compare.rstrip("/")
     try:
         mix, slo = parse_priority_mix(args.priority_mix), parse_slo(args.slo)
-        prompts = load_prompts(args.prompts)
+        workload = workload_from_args(args, load_prompts(args.prompts))
+        if args.compare and args.engine_metrics not in (None, "auto"):
+            raise ValueError("with --compare, --engine-metrics takes only auto (each server's own engines)")
     except (ValueError, OSError) as exc:
         print(f"serve-app-bench: {exc}", file=sys.stderr)
         return 2
@@ -133,13 +164,14 @@ def main(argv: list[str] | None = None) -> int:
         for name, url in servers.items()
     }
     steps = plan(args, servers)
+    engines = {name: engine_urls(args.engine_metrics, url) for name, url in servers.items()}
     sizes = [step_size(args, s["load"], s["value"]) for s in steps]
 
     from tqdm import tqdm
 
     for name, target in targets.items():
         if args.warmup:
-            warm = build_requests(args.warmup, prompts, 8, {}, args.seed)
+            warm = build_requests(args.warmup, workload, 8, {}, args.seed, run="warmup")
             run_step(target, "async", warm, concurrency=args.warmup)
             print(f"warmed up server {name} ({servers[name]})", file=sys.stderr)
 
@@ -147,7 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     bar = tqdm(total=sum(sizes), unit="req", file=sys.stderr, dynamic_ncols=True)
     for step, size in zip(steps, sizes, strict=True):
         bar.set_description(step["name"])
-        specs = build_requests(size, prompts, max_tokens, mix, args.seed)
+        # A step's own synthetic prompts (the same for A and B): none is in the cache from an earlier step.
+        run_tag = f"{step['mode']}-{step['load'][0]}{step['value']:g}"
+        specs = build_requests(size, workload, max_tokens, mix, args.seed, run=run_tag)
+        before = scrape_prefix_cache(engines[step["server"]])
         if step["load"] == "concurrency":
             kwargs: dict[str, Any] = {"concurrency": int(step["value"])}
         else:
@@ -162,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         step["summary"] = summarize(run.results, run.duration_s, slo)
         step["summary"]["client_cpu_ms_per_request"] = 1000 * run.client_cpu_s / max(len(run.results), 1)
+        if engines[step["server"]]:
+            step["summary"]["prefix_cache"] = prefix_cache_delta(before, scrape_prefix_cache(engines[step["server"]]))
         all_results[step["name"]] = run.results
         write_requests(folder / "requests.jsonl", step, run.results)
         s = step["summary"]
@@ -169,7 +206,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{step['name']}: ok {s['outcomes']['ok']}/{s['requests']}, {s['output_token_throughput']:.0f} tok/s, "
             f"TTFT p50 {s['ttft_ms']['p50'] or 0:.0f} ms, E2EL p99 {s['e2el_ms']['p99'] or 0:.0f} ms"
             + (" [client-bound]" if s.get("client_bound") else "")
+            + (f", queue wait p99 {s['queue_wait_ms']['p99']:.0f} ms" if "queue_wait_ms" in s else "")
         )
+        if "prefix_cache" in s:
+            bar.write(f"{step['name']}: {prefix_cache_line(s['prefix_cache'])}")
     bar.close()
 
     result = {

@@ -32,6 +32,7 @@ class RequestResult:
     outcome: str = "ok"  # ok | rate_limited | timeout | error
     error: str | None = None
     retry_after: str | None = None  # the Retry-After header of an error answer
+    queue_wait_ms: float | None = None  # the gateway's X-Queue-Wait-Ms header; None without it (bare vLLM)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,6 +70,15 @@ class StreamReader:
         return True
 
 
+def queue_wait_ms(headers: httpx.Headers) -> float | None:
+    """The gateway's time in its priority queue, from its `X-Queue-Wait-Ms` answer header."""
+    value = headers.get("x-queue-wait-ms")
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
 def _finish_http_error(result: RequestResult, response_status: int, body: bytes, retry_after: str | None) -> None:
     result.status = response_status
     result.retry_after = retry_after
@@ -100,6 +110,7 @@ def send_sync(
     result.sent_at = CLOCK() - origin
     try:
         with client.stream("POST", path, json=body, headers=headers) as response:
+            result.queue_wait_ms = queue_wait_ms(response.headers)
             if response.status_code != 200:
                 _finish_http_error(result, response.status_code, response.read(), response.headers.get("retry-after"))
             else:
@@ -127,6 +138,7 @@ async def send_async(
     result.sent_at = CLOCK() - origin
     try:
         async with client.stream("POST", path, json=body, headers=headers) as response:
+            result.queue_wait_ms = queue_wait_ms(response.headers)
             if response.status_code != 200:
                 _finish_http_error(
                     result, response.status_code, await response.aread(), response.headers.get("retry-after")

@@ -88,9 +88,9 @@ def markdown(run: dict[str, Any]) -> str:
             "## Per priority",
             "",
             "| server | mode | load | priority | ok | 429 (with Retry-After) | 429 p99 | TTFT p50 | TTFT p99 "
-            "| TTFT from schedule p50 | p99 | E2EL p50 |",
+            "| TTFT from schedule p50 | p99 | E2EL p50 | gateway queue wait p99 |",
         ]
-        lines += ["|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for step, p, s in per_priority:
             refused = s.get("rejections") or {"count": 0, "with_retry_after": 0, "latency_ms": {"p99": None}}
             scheduled = s.get("ttft_from_intended_ms") or {"p50": None, "p99": None}
@@ -98,7 +98,19 @@ def markdown(run: dict[str, Any]) -> str:
                 f"| {step['server']} | {step['mode']} | {step['load']}={step['value']} | {p} | {s['outcomes']['ok']} "
                 f"| {refused['count']} ({refused['with_retry_after']}) | {_fmt(refused['latency_ms']['p99'])} "
                 f"| {_fmt(s['ttft_ms']['p50'])} | {_fmt(s['ttft_ms']['p99'])} "
-                f"| {_fmt(scheduled['p50'])} | {_fmt(scheduled['p99'])} | {_fmt(s['e2el_ms']['p50'])} |"
+                f"| {_fmt(scheduled['p50'])} | {_fmt(scheduled['p99'])} | {_fmt(s['e2el_ms']['p50'])} "
+                f"| {_fmt((s.get('queue_wait_ms') or {}).get('p99'))} |"
+            )
+        lines.append("")
+    cached = [step for step in run["steps"] if "prefix_cache" in step["summary"]]
+    if cached:
+        lines += ["## Prefix cache (the engines' own counters, in tokens)", ""]
+        lines += ["| server | mode | load | hits | queries | hit rate |", "|---|---|---|---|---|---|"]
+        for step in cached:
+            c = step["summary"]["prefix_cache"]
+            lines.append(
+                f"| {step['server']} | {step['mode']} | {step['load']}={step['value']} | {_fmt(c['hits'], 0)} "
+                f"| {_fmt(c['queries'], 0)} | {_fmt(c['hit_rate'], 3)} |"
             )
         lines.append("")
     if run.get("ratios"):
