@@ -33,7 +33,11 @@ class QueueConfig(StrictModel):
 
 
 class ReservedConfig(StrictModel):
-    high: float = Field(0.1, ge=0, lt=1, description="share of each replica's slots that only high may use")
+    high: float | Literal["auto"] = Field(
+        "auto",
+        description="share of each replica's slots that only high may use; auto: high's measured demand "
+        "(Little's law, docs/qos.md)",
+    )
     medium: float = Field(0.0, ge=0, lt=1, description="a further share that high and medium may use, low not")
     hold_s: float | None = Field(
         60.0, gt=0, description="a share is held only while a class it is for arrived this recently; null: always"
@@ -41,7 +45,10 @@ class ReservedConfig(StrictModel):
 
     @model_validator(mode="after")
     def _leaves_low_some(self) -> ReservedConfig:
-        if self.high + self.medium >= 1:
+        high = 0.0 if self.high == "auto" else self.high
+        if high < 0:
+            raise ValueError("reserved high must be >= 0, or auto")
+        if high + self.medium >= 1:
             raise ValueError("reserved high + medium must be below 1, or low could never run")
         return self
 
@@ -50,12 +57,19 @@ class AdmissionConfig(StrictModel):
     """How the gateway decides what runs: see docs/qos.md."""
 
     adaptive_limit: bool = Field(
-        True, description="run each replica near the knee of its throughput curve, max_ongoing_requests at most"
+        True,
+        description="hold medium and low in the gateway while a replica has prefill_budget_s of prefill pending",
     )
-    knee_share: float = Field(
-        0.85, gt=0, lt=1, description="the knee: the concurrency that reaches this share of the replica's peak tok/s"
+    prefill_budget_s: float = Field(
+        1.0, gt=0, description="seconds of prefill, at the replica's measured rate, it may have pending"
     )
-    min_limit: int = Field(1, ge=1, description="the adaptive limit never goes below this")
+    min_prefill_budget_tokens: int = Field(8192, ge=1, description="the prefill budget is never below this")
+    routing: Literal["cache_aware", "cache_aware_class_blind", "least_loaded"] = Field(
+        "cache_aware", description="how a replica is picked: by cached prefix and token load, or by free slots"
+    )
+    prefix_index_entries: int = Field(
+        200_000, ge=1, description="(prompt block, replica) pairs the prefix index remembers, least recent dropped"
+    )
     reserved: ReservedConfig = ReservedConfig()
     preempt_window_s: float | None = Field(
         5.0, gt=0, description="a lower request granted this recently may be preempted for high; null: never"

@@ -72,9 +72,16 @@ GATEWAY_METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
     "gateway_replicas": ("gauge", ()),
     "gateway_replicas_draining": ("gauge", ()),
     "gateway_drain_rate_requests_per_second": ("gauge", ()),
-    "gateway_unloaded_seconds_per_token": ("gauge", ()),
+    "gateway_pending_prefill_tokens": ("gauge", ()),
     "gateway_replica_in_flight_requests": ("gauge", ("replica",)),
     "gateway_replica_concurrency_limit": ("gauge", ("replica",)),
+    "gateway_replica_pending_prefill_tokens": ("gauge", ("replica",)),
+    "gateway_replica_kv_tokens": ("gauge", ("replica",)),
+    "gateway_replica_prefill_tokens_per_second": ("gauge", ("replica",)),
+    "gateway_replica_expected_prefix_cached_ratio": ("gauge", ("replica",)),
+    "gateway_replica_engine_prefix_cache_hit_ratio": ("gauge", ("replica",)),
+    "gateway_replica_engine_waiting_requests": ("gauge", ("replica",)),
+    "gateway_replica_engine_kv_cache_usage_ratio": ("gauge", ("replica",)),
 }
 # vLLM's engine metrics the dashboard may use: long-standing names that vLLM registers unconditionally (on CPU too).
 VLLM_METRICS = {

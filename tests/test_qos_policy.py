@@ -1,4 +1,4 @@
-"""The QoS policies alone (knee limit, reserved slots, shedding arithmetic, preemption choice): pure, milliseconds."""
+"""The QoS policies alone (reserved slots, shedding arithmetic, preemption choice): pure, milliseconds."""
 
 from __future__ import annotations
 
@@ -8,66 +8,10 @@ from dataclasses import dataclass
 import pytest
 
 from serve_app.policy import shedding
-from serve_app.policy.concurrency_limit import KneeLimit
 from serve_app.policy.preemption import ASK_TTL_S, choose_victim, pending_asks, victim_for
 from serve_app.policy.priority import Priority
 from serve_app.policy.replica_set import ReplicaSet, Reservation
-
-
-def engine_tpot(concurrency: float, a: float = 0.010, b: float = 0.001) -> float:
-    """A batching engine's TPOT: a fixed part plus a part per running request."""
-    return a + b * concurrency
-
-
-def test_knee_limit_starts_at_the_upper_bound_and_settles_at_the_knee():
-    limit = KneeLimit(max_limit=256, knee_share=0.8)
-    assert limit.limit == 256, "no samples yet: the configured bound"
-    limit.observe(1, engine_tpot(1))  # a light-load sample teaches the unloaded TPOT
-    for concurrency in [64, 48, 40, 40, 40] * 40:
-        limit.observe(concurrency, engine_tpot(concurrency))
-    # knee = 0.8 / 0.2 * a / b = 4 * 10 = 40; the unloaded TPOT seen was a + b (one request running)
-    assert limit.unloaded_per_token_s == pytest.approx(0.011)
-    assert 36 <= limit.limit <= 44
-    throughput = limit.limit / engine_tpot(limit.limit)
-    assert throughput >= 0.75 / 0.001, "the knee keeps most of the engine's peak throughput"
-
-
-def test_knee_limit_stays_at_the_bound_when_more_concurrency_costs_nothing():
-    limit = KneeLimit(max_limit=64)
-    for concurrency in (1, 8, 32, 64) * 10:
-        limit.observe(concurrency, 0.02)  # TPOT flat: the engine is nowhere near its knee
-    assert limit.limit == 64
-
-
-def test_knee_limit_does_not_extrapolate_from_light_load_noise():
-    """At two running requests the slope is lost in a shared machine's jitter: one slow request there
-    must not hold the next burst below the bound. Measured on CPU: a limit near 26, set during a
-    one-client run, made 9 of the next 32 clients wait a whole answer (TTFT p99 5x bare vLLM's)."""
-    limit = KneeLimit(max_limit=64)
-    for _ in range(24):
-        limit.observe(1, 0.046)  # one client: one request running
-    # A release and the next grant overlapped (two running, for a moment) while a busy neighbour slowed it.
-    limit.observe(2, 0.066)
-    assert limit.limit == 64, f"a knee extrapolated from two running requests: {limit.limit}"
-    for _ in range(100):  # the same engine loaded for real: its slope is measured where the knee binds
-        limit.observe(32, 0.046 + 0.020 * 32)
-    assert limit.limit == 13, "knee = 0.85 / 0.15 * 46 / 20"
-
-
-def test_knee_limit_respects_its_bounds_and_ignores_nonsense_samples():
-    limit = KneeLimit(max_limit=32, min_limit=4, knee_share=0.5)
-    limit.observe(1, 0.001)
-    for _ in range(100):
-        limit.observe(32, 1.0)  # every request makes the engine far slower: the knee is below 1
-    assert limit.limit == 4
-    before = limit.limit, limit.samples
-    for bad in (0.0, -1.0, math.inf, math.nan):
-        limit.observe(8, bad)
-    assert (limit.limit, limit.samples) == before
-    with pytest.raises(ValueError):
-        KneeLimit(max_limit=4, min_limit=8)
-    with pytest.raises(ValueError):
-        KneeLimit(max_limit=4, knee_share=1.0)
+from serve_app.policy.reservation import Demand
 
 
 def test_reservation_holds_back_slots_for_higher_classes_but_never_all():
@@ -93,11 +37,10 @@ def test_low_cannot_take_the_reserved_slots_but_high_can():
 def test_a_reserved_share_is_held_only_while_a_class_it_is_for_is_in_use():
     replicas = ReplicaSet(Reservation.for_classes(high=0.25, medium=0.25, hold_s=60))
     replicas.add("a", "http://a", 8)
-    assert [replicas.take(Priority.MEDIUM, now=0.0) is not None for _ in range(8)] == [True] * 8, (
-        "no high has arrived: medium may fill every slot"
-    )
-    for _ in range(8):
-        replicas.give_back(replicas.get("a"))
+    placed = [replicas.take(Priority.MEDIUM, now=0.0) for _ in range(8)]
+    assert None not in placed, "no high has arrived: medium may fill every slot"
+    for placement in placed:
+        replicas.give_back(placement)
     replicas.arrived(Priority.MEDIUM, 10.0)
     assert replicas.room(replicas.get("a"), Priority.MEDIUM, now=10.0) == 8, "medium's own arrival holds nothing"
     assert replicas.room(replicas.get("a"), Priority.LOW, now=10.0) == 6, "medium arrived: low leaves it its share"
@@ -113,17 +56,28 @@ def test_a_reserved_share_is_held_only_while_a_class_it_is_for_is_in_use():
         Reservation.for_classes(high=0.1, hold_s=0)
 
 
-def test_replica_limits_follow_their_knee_and_add_up():
-    replicas = ReplicaSet(limiter_factory=lambda bound: KneeLimit(bound, knee_share=0.5))
-    a = replicas.add("a", "http://a", 64)
-    replicas.add("b", "http://b", 64)
-    assert replicas.limit == 128 and replicas.capacity == 128
-    assert a.limiter is not None
-    a.limiter.observe(1, 0.010)
-    for _ in range(200):
-        a.limiter.observe(20, 0.010 + 0.001 * 20)  # knee = 1 * a/b = 10 (a measured at one request)
-    assert a.limit == 10
-    assert replicas.limit == a.limit + 64 and replicas.capacity == 128
+def test_high_reserve_from_demand_follows_littles_law():
+    demand = Demand(window_s=10.0)
+    assert demand.reserve(now=0.0, replicas=1) == 1, "no demand measured yet: one slot while high is in use"
+    for i in range(400):  # 4 high requests/s for 100 s, each holding its slot 2 s: L = 8
+        demand.arrived(i * 0.25)
+        demand.served(2.0)
+    assert demand.concurrency(100.0) == pytest.approx(8.0, rel=0.15)
+    assert 13 <= demand.reserve(now=100.0, replicas=1) <= 14, "L + 2 sqrt(L) = 13.7 for L = 8"
+    assert demand.reserve(now=100.0, replicas=4) in (5, 6), "spread over four replicas: L = 2 each, plus 2*sqrt(2)"
+    assert demand.reserve(now=200.0, replicas=1) <= 2, "high stopped coming: the reserve decays with its rate"
+
+
+def test_the_demand_reserve_holds_only_what_high_needs():
+    replicas = ReplicaSet(Reservation.for_classes(high="auto", hold_s=60))
+    replicas.add("a", "http://a", 256)
+    assert replicas.room(replicas.get("a"), Priority.MEDIUM, now=0.0) == 256, "no high yet: nothing held"
+    for i in range(400):  # 2 high requests/s holding a slot 1 s each: L = 2
+        replicas.arrived(Priority.HIGH, i * 0.5)
+        replicas.high_demand.served(1.0)
+    held = 256 - replicas.room(replicas.get("a"), Priority.MEDIUM, now=200.0)
+    assert 4 <= held <= 7, f"L + 2 sqrt(L) for L near 2, not a fixed 10% (26 slots): held {held}"
+    assert replicas.room(replicas.get("a"), Priority.HIGH, now=200.0) == 256
 
 
 def test_predicted_wait_and_retry_after_come_from_the_drain_rate():
@@ -180,6 +134,7 @@ class Grant:
     priority: Priority
     granted_at: float
     preempt_asked_at: float | None = None
+    prefilling: bool = True
 
 
 def test_the_victim_is_the_youngest_of_the_lowest_class_within_the_window():
@@ -199,6 +154,8 @@ def test_the_victim_is_the_youngest_of_the_lowest_class_within_the_window():
     assert choose_victim(grants, Priority.HIGH, now=10.0, window_s=2.0) is None, "never a high, never an old one"
     assert choose_victim(grants, Priority.LOW, now=10.0, window_s=2.0) is None
     assert pending_asks(grants, now=10.0) == 3
+    prefilled = Grant(Priority.LOW, 9.99, prefilling=False)  # its first token came back: its client saw it
+    assert choose_victim([prefilled], Priority.HIGH, now=10.0, window_s=2.0) is None
     assert pending_asks(grants, now=10.0 + ASK_TTL_S) == 0, "unanswered asks count as refused"
 
 

@@ -11,7 +11,7 @@ def test_capacity_is_the_sum_and_the_least_loaded_replica_is_picked():
     a = replicas.add("a", "http://a", 2)
     b = replicas.add("b", "http://b", 1)
     assert replicas.capacity == 3
-    picks = [replicas.take() for _ in range(3)]
+    picks = [replicas.take().replica for _ in range(3)]
     assert picks[0] is a and picks.count(b) == 1 and picks.count(a) == 2
     assert replicas.take() is None, "every slot is taken"
     assert replicas.in_flight == 3
@@ -21,7 +21,7 @@ def test_a_removed_replica_takes_its_slots_with_it():
     replicas = ReplicaSet()
     a = replicas.add("a", "http://a", 1)
     held = replicas.take()
-    assert held is a
+    assert held.replica is a
     replicas.remove("a")
     replicas.give_back(held)  # a release that arrives after the removal changes nothing
     assert replicas.capacity == 0 and replicas.in_flight == 0
@@ -34,10 +34,10 @@ def test_a_draining_replica_takes_nothing_new_and_gets_its_slots_back():
     a = replicas.add("a", "http://a", 2)
     b = replicas.add("b", "http://b", 2)
     held = replicas.take()
-    assert held is a
+    assert held.replica is a
     replicas.drain("a")
     assert replicas.capacity == 2 and replicas.limit == 2 and replicas.serving == 1
-    assert [replicas.take(), replicas.take(), replicas.take()] == [b, b, None], "nothing new goes to a"
+    assert [replicas.take().replica, replicas.take().replica, replicas.take()] == [b, b, None], "nothing new goes to a"
     assert a.in_flight == 1, "what a runs is still counted"
     replicas.give_back(held)
     assert a.in_flight == 0 and replicas.in_flight == 2

@@ -5,15 +5,15 @@ import asyncio
 import pytest
 
 from serve_app.deployments.scheduler import SHED_AFTER_SAMPLES, NotReady, QueueFull, QueueTimeout, Scheduler, Shed, Slot
-from serve_app.policy.concurrency_limit import KneeLimit
 from serve_app.policy.priority import Priority
 from serve_app.policy.replica_set import ReplicaSet, Reservation
 from serve_app.policy.request_queue import ClassLimits, PriorityRequestQueue
+from serve_app.policy.token_load import PrefillBudget, PromptShape
 
 
 def make_admission(capacity: int, max_len: int = 10, max_wait_s: float = 5.0, **kwargs) -> Scheduler:
     queue = PriorityRequestQueue({p: ClassLimits(max_len, max_wait_s) for p in Priority}, aging_s=60)
-    replicas = ReplicaSet(kwargs.pop("reservation", None), kwargs.pop("limiter_factory", None))
+    replicas = ReplicaSet(kwargs.pop("reservation", None), kwargs.pop("budget", None))
     if capacity:
         replicas.add("r0", "http://r0", capacity)
     return Scheduler(queue, replicas, shed=kwargs.pop("shed", False), **kwargs)
@@ -223,25 +223,27 @@ async def test_a_waiting_high_request_asks_for_the_youngest_low_to_be_preempted(
     await asyncio.wait_for(another, 1)
 
 
-async def test_released_samples_lower_the_limit_and_waiters_respect_it():
-    factory = lambda bound: KneeLimit(bound, knee_share=0.5)  # noqa: E731
-    adm = make_admission(capacity=8, limiter_factory=factory)
-    first = await adm.acquire(Priority.MEDIUM)
-    adm.release(first, per_token_s=0.010)  # alone on the replica: the unloaded TPOT
-    slots = [await adm.acquire(Priority.MEDIUM) for _ in range(8)]
-    for slot in slots[:4]:
-        running = (slot.concurrency + adm.in_flight) / 2  # what the replica ran, on average, while it ran
-        adm.release(slot, per_token_s=0.010 + 0.005 * running)  # each running request adds 5 ms: knee = 2
-    assert adm.replicas.limit == 2
-    waiting = asyncio.create_task(adm.acquire(Priority.MEDIUM))
+async def test_a_first_token_frees_prefill_budget_and_a_waiting_medium_goes():
+    adm = make_admission(capacity=8, budget=PrefillBudget(seconds=1.0, min_tokens=1000))
+    replica = adm.replicas.get("r0")
+    replica.prefill_rate.observe(2000, 1.0)  # 2k tokens/s measured: a budget of 2k pending tokens
+    long_prompt = [PromptShape(chars=6000)] * 3  # 1,500 tokens each; no block hashes: nothing shared
+    first = await adm.acquire(Priority.MEDIUM, shape=long_prompt[0])
+    second = await adm.acquire(Priority.MEDIUM, shape=long_prompt[1])  # 1,500 pending < 2,000: room left
+    waiting = asyncio.create_task(adm.acquire(Priority.MEDIUM, shape=long_prompt[2]))
     await settle()
-    for slot in slots[4:6]:
-        adm.release(slot)
+    assert not waiting.done(), "3,000 tokens pending: the third waits in the gateway, though 6 slots are free"
+    high = await asyncio.wait_for(adm.acquire(Priority.HIGH, shape=long_prompt[2]), 1)  # never held by it
+    adm.first_token(first, seconds=1.0)
+    assert replica.prefill_rate.tokens_per_s == 2000 * 0.99, "1,500 tokens in 1 s: below the max, which decays"
     await settle()
-    assert not waiting.done(), "2 still running out of a limit of 2"
-    adm.release(slots[6])
-    await asyncio.wait_for(waiting, 1)
-    assert adm.in_flight == 2
+    assert not waiting.done(), "1,500 + 1,500 (high's) still pending"
+    adm.first_token(second, seconds=1.0)
+    slot = await asyncio.wait_for(waiting, 1)
+    assert slot.queue_wait_s >= 0 and replica.load.pending_prefill == 3000
+    for done in (first, second, high, slot):
+        adm.release(done)
+    assert adm.in_flight == 0 and replica.load.pending_prefill == 0 and replica.load.kv_tokens == 0
 
 
 async def test_waiters_get_not_ready_at_once_when_the_last_replica_goes():

@@ -50,9 +50,24 @@ STATE = {
     "queued_low": 2,
     "in_flight": 3,
     "capacity": 8,
-    "unloaded_ms_per_token": 12.5,
+    "pending_prefill_tokens": 6000,
     "shed_at_arrival_low": 4,
-    "replica_detail": [{"replica": "10.0.0.5:41000", "in_flight": 3, "limit": 5, "dispatched": 9, "draining": False}],
+    "replica_detail": [
+        {
+            "replica": "10.0.0.5:41000",
+            "in_flight": 3,
+            "limit": 5,
+            "dispatched": 9,
+            "draining": False,
+            "pending_prefill_tokens": 6000,
+            "kv_tokens": 7000,
+            "prefill_tokens_per_s": 50_000.0,
+            "expected_cached_share": 0.5,
+            "engine_prefix_cache_hit_rate": 0.45,
+            "engine_waiting": None,  # not read from the engine yet
+            "engine_kv_cache_usage": 0.1,
+        }
+    ],
 }
 
 
@@ -60,11 +75,16 @@ def test_admissions_state_is_published_with_units_in_the_names():
     samples = metric_samples(GatewayStats().prometheus(STATE))
     assert sample(samples, "gateway_queued_requests", priority="low") == 2
     assert sample(samples, "gateway_in_flight_requests") == 3 and sample(samples, "gateway_capacity") == 8
-    assert sample(samples, "gateway_unloaded_seconds_per_token") == 0.0125
+    assert sample(samples, "gateway_pending_prefill_tokens") == 6000
     assert sample(samples, "gateway_shed_at_arrival_total", priority="low") == 4
     assert sample(samples, "gateway_shed_at_arrival_total", priority="high") == 0
     assert sample(samples, "gateway_replica_dispatched_total", replica="10.0.0.5:41000") == 9
     assert sample(samples, "gateway_replica_in_flight_requests", replica="10.0.0.5:41000") == 3
+    assert sample(samples, "gateway_replica_engine_prefix_cache_hit_ratio", replica="10.0.0.5:41000") == 0.45
+    assert sample(samples, "gateway_replica_prefill_tokens_per_second", replica="10.0.0.5:41000") == 50_000
+    assert sample(samples, "gateway_replica_engine_waiting_requests", replica="10.0.0.5:41000") is None, (
+        "a figure not read yet is left out, not published as 0"
+    )
 
 
 def test_label_values_from_upstream_are_escaped_by_the_library():

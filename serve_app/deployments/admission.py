@@ -1,7 +1,7 @@
 """The priority queues and dispatch slots that every Router shares, in one actor.
 
 Each request costs one `acquire` call, which returns the replica to send it to, and a share of
-one `release_many` call; no token passes through here. One place for the queues keeps priority
+the batched `progress` calls that report first tokens and releases; no token passes through here. One place for the queues keeps priority
 order exact across any number of Routers: a freed slot goes to the best waiter of the gateway.
 
 The queues live in `AdmissionActor`, a plain Ray actor owned by `AdmissionReplica`, the one replica of
@@ -27,28 +27,29 @@ from serve_app.config import NO_ACCESS_LOG, SINGLE_LOOP_ENV, AdmissionConfig, Qu
 from serve_app.deployments import process_priority
 from serve_app.deployments.health import answers_health
 from serve_app.deployments.scheduler import Scheduler, Slot
+from serve_app.engine import engine_metrics
+from serve_app.engine.engine_metrics import EngineFigures
 from serve_app.errors import ErrorKind, GatewayError, refusal_error
 from serve_app.policy.api_keys import RateLimits
-from serve_app.policy.concurrency_limit import KneeLimit
 from serve_app.policy.fairness import TenantCounters
+from serve_app.policy.prefix_index import PrefixIndex
 from serve_app.policy.priority import Priority
 from serve_app.policy.refusals import NotReady, Refused
-from serve_app.policy.replica_set import Replica, ReplicaSet, Reservation
+from serve_app.policy.replica_set import Replica, ReplicaSet, Reservation, Routing
 from serve_app.policy.request_queue import PriorityRequestQueue
+from serve_app.policy.token_load import PrefillBudget, PromptShape
 
 logger = logging.getLogger("ray.serve")
 
 
 def build_scheduler(queue: QueueConfig, config: AdmissionConfig) -> Scheduler:
     """The policies that the config names, put together."""
-    limiter = None
-    if config.adaptive_limit:
-
-        def limiter(max_ongoing: int) -> KneeLimit:
-            return KneeLimit(max_ongoing, min(config.min_limit, max_ongoing), config.knee_share)
-
+    budget = PrefillBudget(config.prefill_budget_s, config.min_prefill_budget_tokens) if config.adaptive_limit else None
     replicas = ReplicaSet(
-        Reservation.for_classes(config.reserved.high, config.reserved.medium, config.reserved.hold_s), limiter
+        Reservation.for_classes(config.reserved.high, config.reserved.medium, config.reserved.hold_s),
+        budget,
+        Routing(config.routing),
+        PrefixIndex(config.prefix_index_entries),
     )
     return Scheduler(
         PriorityRequestQueue(queue.limits(), queue.aging_s, TenantCounters() if config.fair_share else None),
@@ -74,6 +75,8 @@ class AdmissionActor:
         self._mailboxes: dict[str, list[str]] = {}  # preemption asks, by router id
         self._mail = asyncio.Event()
         self._slots: dict[str, Slot] = {}  # granted, by request id
+        self._prompt_chars: dict[str, int] = {}  # of granted requests: with the prompt tokens, chars per token
+        self._engines: dict[str, EngineFigures] = {}  # vLLM's own figures, by replica id, from the replica check
         self._waiting: dict[str, asyncio.Task[Slot]] = {}
         self._released_early: set[str] = set()  # released while its acquire was still in flight
         self._ever_ready = False
@@ -89,10 +92,12 @@ class AdmissionActor:
         router_id: str | None = None,
         front: bool = False,
         tenant: str | None = None,
+        shape: tuple[int, tuple[int, ...], int | None] | None = None,
     ) -> dict[str, Any]:
         """Waits for a slot; returns the replica's URL and the wait (`Grant`'s fields). Raises GatewayError (429/503).
         `router_id` makes the request preemptible: asks reach that Router through `preemptions`.
-        `tenant`: the API key's name, whose rate limits apply (here, so that they hold across Routers)."""
+        `tenant`: the API key's name, whose rate limits apply (here, so that they hold across Routers).
+        `shape`: the prompt's (characters, prefix block hashes, max_tokens), for placing it by cache and load."""
         prio = Priority(priority)
         if tenant is not None and not front:
             wait_s = self.rates.admit(tenant, time.monotonic())
@@ -103,7 +108,8 @@ class AdmissionActor:
                     retry_after_s=max(1, math.ceil(wait_s)),
                     kind=ErrorKind.RATE_LIMITED,
                 )
-        task = asyncio.ensure_future(self.scheduler.acquire(prio, front=front, tenant=tenant or ""))
+        prompt = PromptShape(*shape) if shape is not None else None
+        task = asyncio.ensure_future(self.scheduler.acquire(prio, front=front, tenant=tenant or "", shape=prompt))
         self._waiting[request_id] = task
         try:
             slot = await task
@@ -125,19 +131,30 @@ class AdmissionActor:
         if tenant is not None:
             self._tenants[request_id] = tenant
         self._slots[request_id] = slot
+        if prompt is not None:
+            self._prompt_chars[request_id] = prompt.chars
         return {"url": slot.replica.url, "queue_wait_s": slot.queue_wait_s}  # a Grant's fields
 
-    async def release_many(self, releases: list[tuple[str, float | None, int | None]]) -> None:
-        """(request id, its service time per output token or None, its output tokens or None) triples.
-        Idempotent. A Router also releases a request whose client left while queued, which covers the
-        race where the grant and the cancellation cross."""
-        for request_id, per_token_s, tokens in releases:
+    async def progress(
+        self, first_tokens: list[tuple[str, float]], releases: list[tuple[str, int | None, int | None]]
+    ) -> None:
+        """What the Routers saw since their last call. `first_tokens`: (request id, seconds from its grant to its
+        first token): its prefill is done. `releases`: (request id, its output tokens, its prompt tokens, each
+        None when unknown). Idempotent. A Router also releases a request whose client left while queued, which
+        covers the race where the grant and the cancellation cross."""
+        for request_id, seconds in first_tokens:
+            slot = self._slots.get(request_id)
+            if slot is not None:
+                self.scheduler.first_token(slot, seconds)
+        estimates = self.scheduler.replicas.estimates
+        for request_id, tokens, prompt_tokens in releases:
+            estimates.learn(self._prompt_chars.pop(request_id, None), prompt_tokens, tokens)
             tenant = self._tenants.pop(request_id, None)
             if tenant is not None:
                 self.rates.charge_tokens(tenant, tokens or 0, time.monotonic())
             slot = self._slots.pop(request_id, None)
             if slot is not None:
-                self.scheduler.release(slot, per_token_s, tokens)
+                self.scheduler.release(slot, tokens)
                 continue
             task = self._waiting.get(request_id)
             if task is not None:
@@ -220,8 +237,16 @@ class AdmissionActor:
             while True:
                 await asyncio.sleep(self._replica_check_s)
                 for replica in self.scheduler.replicas:
-                    if not await answers_health(session, replica.url) and replica.live:
-                        self._remove_failed(replica)
+                    if not await answers_health(session, replica.url):
+                        if replica.live:
+                            self._remove_failed(replica)
+                        continue
+                    figures = await engine_metrics.read(session, replica.url)
+                    if figures is not None:
+                        self._engines[replica.replica_id] = figures
+                known = {r.replica_id for r in self.scheduler.replicas}
+                for gone in set(self._engines) - known:
+                    del self._engines[gone]
 
     # ---- state ---------------------------------------------------------------------------------
 
@@ -230,12 +255,18 @@ class AdmissionActor:
         replica = self.scheduler.replicas.get(replica_id)
         return {"in_flight": replica.in_flight if replica else 0, "queued": len(self.scheduler.queue)}
 
+    async def set_routing(self, routing: str) -> str:
+        """Switches how replicas are picked, live (an operator's A/B, `PUT /v1/admin/routing`); returns the old one."""
+        replicas = self.scheduler.replicas
+        old, replicas.routing = replicas.routing, Routing(routing)
+        logger.info("routing changed from %s to %s", old.value, replicas.routing.value)
+        return old.value
+
     async def state(self) -> dict[str, Any]:
         scheduler = self.scheduler
         queue = scheduler.queue
-        tpots = [
-            r.limiter.unloaded_per_token_s for r in scheduler.replicas if r.limiter and r.limiter.unloaded_per_token_s
-        ]
+        replicas = scheduler.replicas
+        estimates = replicas.estimates
         return {
             **{f"queued_{p.label}": queue.depth(p) for p in Priority},
             "in_flight": scheduler.in_flight,
@@ -244,7 +275,14 @@ class AdmissionActor:
             "replicas": scheduler.replicas.serving,
             "replicas_draining": len(scheduler.replicas) - scheduler.replicas.serving,
             "drain_rate_per_s": round(scheduler.drain_rate(), 3),
-            "unloaded_ms_per_token": round(min(tpots) * 1000, 3) if tpots else 0,
+            "routing": replicas.routing.value,
+            "pending_prefill_tokens": sum(r.load.pending_prefill for r in replicas),
+            "high_reserve_slots": replicas.high_reserve(time.monotonic())
+            if replicas.reservation.high_from_demand
+            else None,
+            "chars_per_token": round(estimates.chars_per_token, 3),
+            "mean_output_tokens": round(estimates.mean_output_tokens, 1),
+            "prefix_index_entries": len(replicas.index),
             **{f"preempt_asks_{p.label}": scheduler.preempt_asks[p] for p in Priority},
             **{f"shed_at_arrival_{p.label}": scheduler.shed_count[p] for p in Priority},
             "replica_detail": [
@@ -254,10 +292,27 @@ class AdmissionActor:
                     "limit": r.limit,
                     "dispatched": r.dispatched,
                     "draining": r.draining,
+                    "pending_prefill_tokens": r.load.pending_prefill,
+                    "kv_tokens": r.load.kv_tokens,
+                    "prefill_tokens_per_s": round(r.prefill_rate.tokens_per_s or 0.0, 1),
+                    "prefill_budget_tokens": self._budget_tokens(r),
+                    "expected_cached_share": round(r.cached_tokens / r.prompt_tokens, 4) if r.prompt_tokens else 0.0,
+                    **self._engine_detail(r),
                 }
-                for r in scheduler.replicas
+                for r in replicas
             ],
         }
+
+    def _engine_detail(self, replica: Replica) -> dict[str, float | None]:
+        """vLLM's own figures for the replica, as of the last replica check (None until one was read)."""
+        figures = self._engines.get(replica.replica_id, EngineFigures())
+        return {f"engine_{key}": value for key, value in figures.as_dict().items()}
+
+    def _budget_tokens(self, replica: Replica) -> float | None:
+        """The pending prefill medium and low may leave on the replica now; None while unbounded."""
+        budget = self.scheduler.replicas.budget
+        tokens = budget.tokens(replica.prefill_rate) if budget is not None else math.inf
+        return None if math.isinf(tokens) else round(tokens)
 
     def _not_ready_message(self) -> str:
         if len(self.scheduler.replicas):  # some are left, all of them draining

@@ -1,8 +1,8 @@
 """What Routers and LLMServers hold to reach the Admission actor: one typed method per call.
 
 Calls go straight to the actor (a plain actor call measured 2.4x cheaper than one through a Serve
-handle), and the actor is found again through its deployment after a restart. Releases are sent in
-batches: one call in flight at a time carries every release made meanwhile.
+handle), and the actor is found again through its deployment after a restart. First tokens and releases
+are sent in batches: one call in flight at a time carries every report made meanwhile.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from serve_app.policy.priority import Priority
 
 logger = logging.getLogger("ray.serve")
 
-Release = tuple[str, "float | None", "int | None"]  # request id, service time per output token, output tokens
+Release = tuple[str, "int | None", "int | None"]  # request id, output tokens, prompt tokens
+FirstToken = tuple[str, float]  # request id, seconds from its grant to its first token
+Shape = tuple[int, tuple[int, ...], "int | None"]  # prompt characters, prefix block hashes, max_tokens
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class AdmissionClient:
         self._local = actor
         self._actor: Any = None
         self._releases: list[Release] = []
+        self._first_tokens: list[FirstToken] = []
         self._releasing = False
         self._sender: asyncio.Future[None] | None = None
         self.reports: set[asyncio.Future[None]] = set()  # failure reports under way
@@ -56,15 +59,26 @@ class AdmissionClient:
         router_id: str | None = None,
         front: bool = False,
         tenant: str | None = None,
+        shape: Shape | None = None,
     ) -> Grant:
         """Waits for a slot. Raises GatewayError: 429 (overload, with Retry-After), 503 (not ready).
         `router_id` makes the request preemptible; `front` queues it at the head of its class (a retry or a
-        restart); `tenant` is whose request it is, for fair shares and the key's rate limits."""
-        return Grant(**await self._call("acquire", request_id, int(priority), router_id, front, tenant))
+        restart); `tenant` is whose request it is, for fair shares and the key's rate limits; `shape` its
+        prompt's size and prefix (`request_body.prompt_shape`), for placing it."""
+        return Grant(**await self._call("acquire", request_id, int(priority), router_id, front, tenant, shape))
 
-    def release(self, request_id: str, per_token_s: float | None = None, tokens: int | None = None) -> None:
-        """Gives back a slot, or gives up on one still being waited for; idempotent. Returns at once."""
-        self._releases.append((request_id, per_token_s, tokens))
+    def first_token(self, request_id: str, seconds: float) -> None:
+        """The request's first token came `seconds` after its grant: its replica's prefill is done. At once."""
+        self._first_tokens.append((request_id, seconds))
+        self._send_soon()
+
+    def release(self, request_id: str, tokens: int | None = None, prompt_tokens: int | None = None) -> None:
+        """Gives back a slot, or gives up on one still being waited for; idempotent. Returns at once.
+        `tokens` and `prompt_tokens`: the answer's usage, when known."""
+        self._releases.append((request_id, tokens, prompt_tokens))
+        self._send_soon()
+
+    def _send_soon(self) -> None:
         if not self._releasing:
             self._releasing = True
             self._sender = asyncio.ensure_future(self._send_releases())  # held: the loop keeps weak references
@@ -105,6 +119,9 @@ class AdmissionClient:
     async def state(self) -> dict[str, Any]:
         return await self._call("state")
 
+    async def set_routing(self, routing: str) -> str:
+        return await self._call("set_routing", routing)
+
     # ---- replicas ------------------------------------------------------------------------------
 
     async def register_replica(self, replica_id: str, url: str, max_ongoing: int) -> None:
@@ -140,11 +157,12 @@ class AdmissionClient:
 
     async def _send_releases(self) -> None:
         try:
-            while self._releases:
+            while self._releases or self._first_tokens:
+                firsts, self._first_tokens = self._first_tokens, []
                 batch, self._releases = self._releases, []
                 try:
-                    await self._call("release_many", batch)
+                    await self._call("progress", firsts, batch)
                 except Exception:  # a new actor has no slots to free; nothing is lost by dropping these
-                    logger.exception("releasing %d slots failed", len(batch))
+                    logger.exception("reporting %d first tokens and %d releases failed", len(firsts), len(batch))
         finally:
             self._releasing = False

@@ -28,7 +28,7 @@ from serve_app.deployments.admission_client import AdmissionClient, Grant
 from serve_app.errors import ErrorKind, GatewayError
 from serve_app.http import relay
 from serve_app.http import server as http_server
-from serve_app.http.request_body import checked_class, engine_body
+from serve_app.http.request_body import checked_class, engine_body, prompt_shape
 from serve_app.http.routes import HttpApi
 from serve_app.observability import access_log
 from serve_app.observability.reporter import MetricsReporter
@@ -42,8 +42,6 @@ logger = logging.getLogger("ray.serve")
 
 ENDPOINT_PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 JSON_HEADERS = {"content-type": "application/json"}
-# Shorter answers are mostly prefill: they would teach the adaptive limit little but noise.
-MIN_SAMPLE_TOKENS = 8
 
 
 def _new_id() -> str:
@@ -68,6 +66,8 @@ class InFlight:
     body: dict[str, Any] = field(default_factory=dict, repr=False)
     first_chunk_at: float | None = None
     output_tokens: int | None = None
+    prompt_tokens: int | None = None  # as the engine counted them, from the usage
+    shape: tuple[int, tuple[int, ...], int | None] | None = None  # request_body.prompt_shape, for placing it
     client_wants_usage: bool = True
     preempt_asked: bool = False  # the Router closed the upstream on purpose, to run it again later
     preemptions: int = 0
@@ -84,15 +84,6 @@ class InFlight:
     def gone_kind(self) -> ErrorKind:
         """What a client that hangs up now is counted as."""
         return ErrorKind.CLIENT_GONE if self.admitted else ErrorKind.CLIENT_GONE_WHILE_QUEUED
-
-    @property
-    def per_token_s(self) -> float | None:
-        """Service time (slot granted to last byte) per output token, which teaches the replica's adaptive
-        limit. Not first-to-last chunk: when the relay falls behind, a whole stream can arrive in one read,
-        and that span says nothing about the engine."""
-        if self.granted_at is None or not self.output_tokens or self.output_tokens < MIN_SAMPLE_TOKENS:
-            return None
-        return (time.monotonic() - self.granted_at) / self.output_tokens
 
     def granted(self, grant: Grant, body: dict[str, Any]) -> None:
         self.stage = Stage.SENT
@@ -187,6 +178,7 @@ class Router:
         trace when tracing is on: under the W3C `traceparent` in `headers` if there is one, else a new one."""
         wanted = checked_class(endpoint, body, priority, key)
         flight = InFlight(wanted, endpoint, arrived, self._on_finish, _tenant(key, body), model=_model(body))
+        flight.shape = prompt_shape(endpoint, body)
         if self.tracer is not None:
             flight.trace = self.tracer.start(
                 headers, arrived, endpoint, wanted.label, flight.model, flight.tenant, flight.request_id
@@ -233,7 +225,7 @@ class Router:
     async def _acquire(self, flight: InFlight, body: dict[str, Any], front: bool) -> Grant:
         try:
             grant = await self.admission.acquire(
-                flight.request_id, flight.priority, self.router_id, front, flight.tenant
+                flight.request_id, flight.priority, self.router_id, front, flight.tenant, flight.shape
             )
         except GatewayError as exc:
             flight.finish("rejected" if exc.status in (429, 503) else "error", exc.kind)
@@ -275,6 +267,7 @@ class Router:
             flight.finish("error", relay.error_kind(upstream.status))
         else:
             flight.output_tokens = relay.completion_tokens(payload)
+            flight.prompt_tokens = relay.prompt_tokens(payload)
             flight.finish("completed")
         return upstream.status, payload
 
@@ -288,6 +281,7 @@ class Router:
             try:
                 async for data in upstream.content.iter_any():
                     if relay.USAGE in data:
+                        flight.prompt_tokens = relay.prompt_tokens(data) or flight.prompt_tokens
                         data, tokens = relay.take_usage(data, flight.client_wants_usage)
                         flight.output_tokens = tokens if tokens is not None else flight.output_tokens
                     if relay.ERROR_EVENT in data:
@@ -301,6 +295,8 @@ class Router:
                     if flight.stage is Stage.STREAMING:
                         flight.first_chunk_at = time.monotonic()
                         flight.stage = Stage.ANSWERING
+                        if flight.granted_at is not None:  # its prefill is done: its replica's load drops
+                            self.admission.first_token(flight.request_id, flight.first_chunk_at - flight.granted_at)
                     if data.endswith(relay.DONE):
                         yield data
                         # The answer is whole (or its error told) even if the client hangs up now.
@@ -363,8 +359,7 @@ class Router:
     def _on_finish(self, flight: InFlight, record: RequestRecord) -> None:
         if flight.admitted:
             self._flights.pop(flight.request_id, None)
-            per_token_s = flight.per_token_s if record.outcome == "completed" else None
-            self.admission.release(flight.request_id, per_token_s, flight.output_tokens)
+            self.admission.release(flight.request_id, flight.output_tokens, flight.prompt_tokens)
         self.reporter.add(record)
         if self.access_log:
             access_log.write(record, flight)

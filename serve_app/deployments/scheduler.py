@@ -19,9 +19,10 @@ from serve_app.policy import shedding
 from serve_app.policy.preemption import victim_for
 from serve_app.policy.priority import Priority
 from serve_app.policy.refusals import NotReady, QueueFull, QueueTimeout, Shed
-from serve_app.policy.replica_set import Replica, ReplicaSet
+from serve_app.policy.replica_set import Placement, Replica, ReplicaSet
 from serve_app.policy.request_queue import PriorityRequestQueue
 from serve_app.policy.shedding import SHED_AFTER_SAMPLES, DrainEstimate
+from serve_app.policy.token_load import PromptShape
 
 __all__ = ["Scheduler", "NotReady", "QueueFull", "QueueTimeout", "Shed", "Slot", "SHED_AFTER_SAMPLES"]
 
@@ -32,12 +33,27 @@ class Slot:
     queue_wait_s: float
     granted_at: float
     dispatch_seq: int
-    replica: Replica
-    concurrency: int  # the replica's requests, this one included, when it was granted
+    placement: Placement
+    pending_ahead: int  # prefill tokens pending ahead of it on its replica when it was granted
     owner: Any = None  # whatever the caller needs to reach the holder (the actor: router and request ids)
     tenant: str = ""
     charged: float = 0.0  # what the tenant's fair-share counter was charged at grant
     preempt_asked_at: float | None = field(default=None)
+
+    @property
+    def replica(self) -> Replica:
+        return self.placement.replica
+
+    @property
+    def prefilling(self) -> bool:
+        """No first token yet: preempting it costs its client nothing but delay."""
+        return self.placement.work.prefilling
+
+
+@dataclass(eq=False)
+class _Wait:
+    future: asyncio.Future[Slot]
+    shape: PromptShape
 
 
 class Scheduler:
@@ -80,14 +96,16 @@ class Scheduler:
         left, every waiter learns it now (503, recovering) instead of timing out later as if overloaded."""
         if self.capacity == 0:
             while (waiter := self.queue.pop(self._clock())) is not None:
-                future: asyncio.Future[Slot] = waiter.payload
+                future = waiter.payload.future
                 if not future.done():
                     future.set_exception(NotReady("no LLM replica is left to serve"))
             return
         self._dispatch()
 
     def drain_rate(self) -> float:
-        return self._drain.rate(self.replicas.limit)
+        """Requests per second finishing when the replicas are busy: what runs now over the mean slot time
+        (Little's law). What runs, not the slot bound: under a prefill budget fewer run than there are slots."""
+        return self._drain.rate(max(self.replicas.in_flight, 1))
 
     def ahead_of(self, priority: Priority) -> int:
         return sum(self.queue.depth(p) for p in Priority if p <= priority)
@@ -97,10 +115,13 @@ class Scheduler:
             self.ahead_of(priority), self.drain_rate(), self.queue.limits[priority].max_wait_s
         )
 
-    async def acquire(self, priority: Priority, front: bool = False, tenant: str = "") -> Slot:
+    async def acquire(
+        self, priority: Priority, front: bool = False, tenant: str = "", shape: PromptShape | None = None
+    ) -> Slot:
         """Wait for a slot. Raises NotReady, Shed, QueueFull or QueueTimeout; cancellation leaves the queue at once.
         `front`: a preempted request going back to the head of its class; it is never shed. `tenant`: whose
-        request, for fair shares within the class."""
+        request, for fair shares within the class. `shape`: its prompt's size and prefix, for placing it."""
+        shape = shape or PromptShape()
         if self.capacity == 0:
             raise NotReady("no LLM replica is ready to serve yet")
         now = self._clock()
@@ -109,14 +130,14 @@ class Scheduler:
             self._dispatch()
         # Whoever waits now could not be placed, and a waiter of a higher class would have been: so a free
         # slot for this class means no one waiting should have it first.
-        if (replica := self.replicas.take(priority, now)) is not None:
-            return self._grant(priority, now, now, replica, tenant)
+        if (placement := self.replicas.take(priority, now, shape)) is not None:
+            return self._grant(priority, now, now, placement, tenant)
         if not front:
             self._shed_or_pass(priority)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Slot] = loop.create_future()
         waiter = self.queue.push(
-            priority, now, future, retry_after_s=self.retry_after(priority), front=front, tenant=tenant
+            priority, now, _Wait(future, shape), retry_after_s=self.retry_after(priority), front=front, tenant=tenant
         )
         self._maybe_preempt(self.queue.effective_class(waiter, now), now)
         self._dispatch_when_a_share_lapses(now)
@@ -132,19 +153,25 @@ class Scheduler:
         finally:
             timer.cancel()
 
-    def release(self, slot: Slot, per_token_s: float | None = None, tokens: int | None = None) -> None:
-        """`per_token_s`: the request's mean time per output token, which teaches its replica's limit;
-        `tokens`: its output tokens, which its tenant's fair share is charged (None: unknown)."""
+    def first_token(self, slot: Slot, seconds: float) -> None:
+        """The request's first token came `seconds` after its grant: its prefill no longer loads its replica."""
+        if slot not in self.active or not slot.prefilling:
+            return
+        self.replicas.first_token(slot.placement, seconds, slot.pending_ahead)
+        self._dispatch()
+
+    def release(self, slot: Slot, tokens: int | None = None) -> None:
+        """`tokens`: its output tokens, which its tenant's fair share is charged (None: unknown)."""
         if slot not in self.active:
             return
         self.active.discard(slot)
         if self.queue.fairness is not None:
             self.queue.fairness.finished(slot.tenant, slot.charged, tokens)
-        replica = slot.replica
-        if per_token_s is not None and replica.limiter is not None and replica.live:
-            replica.limiter.observe((slot.concurrency + replica.in_flight) / 2, per_token_s)
-        self.replicas.give_back(replica)
-        self._drain.observe(self._clock() - slot.granted_at)
+        self.replicas.give_back(slot.placement)
+        held_s = self._clock() - slot.granted_at
+        self._drain.observe(held_s)
+        if slot.priority == Priority.HIGH:
+            self.replicas.high_demand.served(held_s)
         self._dispatch()
 
     def _shed_or_pass(self, priority: Priority) -> None:
@@ -157,9 +184,11 @@ class Scheduler:
             self.shed_count[priority] += 1
             raise Shed(priority, predicted, max_wait, retry_after_s)
 
-    def _grant(self, priority: Priority, enqueued_at: float, now: float, replica: Replica, tenant: str) -> Slot:
+    def _grant(self, priority: Priority, enqueued_at: float, now: float, placement: Placement, tenant: str) -> Slot:
         self._dispatched += 1
-        slot = Slot(priority, now - enqueued_at, now, self._dispatched, replica, replica.in_flight, tenant=tenant)
+        work = placement.work
+        ahead = placement.replica.load.pending_ahead_of(work.priority) - work.prefill_tokens
+        slot = Slot(priority, now - enqueued_at, now, self._dispatched, placement, max(ahead, 0), tenant=tenant)
         if self.queue.fairness is not None:
             slot.charged = self.queue.fairness.granted(tenant)
         self.active.add(slot)
@@ -171,17 +200,17 @@ class Scheduler:
             waiter = self.queue.peek(now)
             assert waiter is not None
             wanted = self.queue.effective_class(waiter, now)
-            replica = self.replicas.take(wanted, now)
-            if replica is None:
+            wait: _Wait = waiter.payload
+            placement = self.replicas.take(wanted, now, wait.shape)
+            if placement is None:
                 self._maybe_preempt(wanted, now)
                 self._dispatch_when_a_share_lapses(now)
                 return
             self.queue.pop(now)
-            future: asyncio.Future[Slot] = waiter.payload
-            if future.done():
-                self.replicas.give_back(replica)
+            if wait.future.done():
+                self.replicas.give_back(placement)
                 continue
-            future.set_result(self._grant(waiter.priority, waiter.enqueued_at, now, replica, waiter.tenant))
+            wait.future.set_result(self._grant(waiter.priority, waiter.enqueued_at, now, placement, waiter.tenant))
 
     def _dispatch_when_a_share_lapses(self, now: float) -> None:
         """A held share opens with no release or arrival to dispatch it: one timer, for the next lapse."""
@@ -219,7 +248,7 @@ class Scheduler:
     def _expire_waiters(self) -> None:
         now = self._clock()
         for waiter in self.queue.pop_expired(now):
-            future: asyncio.Future[Slot] = waiter.payload
+            future = waiter.payload.future
             if not future.done():
                 retry = self.retry_after(waiter.priority)
                 future.set_exception(QueueTimeout(waiter.priority, waiter.waited(now), retry))

@@ -17,10 +17,17 @@ DONE = b"data: [DONE]\n\n"
 USAGE = b'"usage":{'  # only vLLM's final usage chunk has a usage object in a stream
 ERROR_EVENT = b'data: {"error"'  # vLLM ends a stream that failed inside its server with one, then [DONE]
 COMPLETION_TOKENS = re.compile(rb'"completion_tokens":\s*(\d+)')
+PROMPT_TOKENS = re.compile(rb'"prompt_tokens":\s*(\d+)')
 
 
 def completion_tokens(payload: bytes, start: int = 0, end: int | None = None) -> int | None:
     found = COMPLETION_TOKENS.search(payload, start, len(payload) if end is None else end)
+    return int(found.group(1)) if found else None
+
+
+def prompt_tokens(payload: bytes) -> int | None:
+    """The prompt tokens a usage object counts: what teaches Admission the characters per token."""
+    found = PROMPT_TOKENS.search(payload)
     return int(found.group(1)) if found else None
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from serve_app.errors import GatewayError
+from serve_app.policy import prefix_index
 from serve_app.policy.api_keys import KeyPolicy
 from serve_app.policy.priority import PRIORITY_FIELD, InvalidPriority, Priority, request_priority
 
@@ -66,3 +68,50 @@ def engine_body(body: dict[str, Any], priority: Priority) -> dict[str, Any]:
         kwargs.setdefault("enable_thinking", bool(value))
         out["chat_template_kwargs"] = kwargs
     return out
+
+
+# An image's tokens, as characters of text would count (about 1,000 tokens): its data URL's length says nothing.
+IMAGE_CHARS = 4096
+
+
+def prompt_shape(endpoint: str, body: dict[str, Any]) -> tuple[int, tuple[int, ...], int | None]:
+    """What Admission places a request by (`token_load.PromptShape`'s fields): the prompt's size in characters,
+    the hashes of its leading blocks (`prefix_index.block_hashes`), and `max_tokens`. Never raises: a body the
+    engine will refuse is still placed somewhere, to be refused there."""
+    parts: list[str] = []
+    extra_chars = 0
+    if endpoint == "chat":
+        messages = body.get("messages")
+        for message in messages if isinstance(messages, list) else ():
+            if not isinstance(message, dict):
+                continue
+            parts.append(f"<{message.get('role')}>")
+            content = message.get("content")
+            if isinstance(content, str):
+                parts.append(content)
+            elif isinstance(content, list):
+                for part in content:
+                    if not isinstance(part, dict):
+                        continue
+                    if isinstance(part.get("text"), str):
+                        parts.append(part["text"])
+                    elif isinstance(part.get("image_url"), dict):
+                        url = str(part["image_url"].get("url")).encode("utf-8", "surrogatepass")
+                        parts.append(f"<image {hashlib.blake2b(url, digest_size=16).hexdigest()}>")
+                        extra_chars += IMAGE_CHARS
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            parts.append(prompt)
+        elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            parts.append(" ".join(map(str, prompt)))  # token ids: about 4 characters each, as text counts
+    text = "".join(parts)
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    model = body.get("model")
+    return (
+        len(text) + extra_chars,
+        prefix_index.block_hashes(text, model if isinstance(model, str) else ""),
+        max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else None,
+    )

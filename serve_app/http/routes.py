@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("ray.serve")
 
 Handler = Callable[[Request], Awaitable[Response]]
-ADMIN_PATHS = frozenset({"/metrics", "/metrics/targets", "/v1/stats"})
+ADMIN_PATHS = frozenset({"/metrics", "/metrics/targets", "/v1/stats", "/v1/admin/routing"})
+ROUTINGS = ("cache_aware", "cache_aware_class_blind", "least_loaded")  # config.AdmissionConfig.routing
 OPEN_PATHS = frozenset({"/health"})  # load balancers and probes carry no key
 
 
@@ -57,6 +58,7 @@ class HttpApi:
             Route("/metrics", self._prometheus, methods=["GET"]),
             Route("/v1/stats", self._stats, methods=["GET"]),
             Route("/metrics/targets", self._targets, methods=["GET"]),
+            Route("/v1/admin/routing", self._routing, methods=["GET", "PUT"]),
         ]
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -160,6 +162,18 @@ class HttpApi:
         state = await self.router.admission.state()
         targets = [replica["replica"] for replica in state.get("replica_detail", [])]
         return JSONResponse([{"targets": targets, "labels": {}}] if targets else [])
+
+    async def _routing(self, request: Request) -> Response:
+        """How replicas are picked: GET reads it, PUT {"routing": ...} switches it live for every Router (an
+        operator's A/B on live traffic, without restarting the engines)."""
+        if request.method == "GET":
+            return JSONResponse({"routing": (await self.router.admission.state())["routing"]})
+        body = await read_json_body(request, self.max_body_bytes)
+        wanted = body.get("routing")
+        if wanted not in ROUTINGS:
+            raise GatewayError(400, f"routing must be one of {', '.join(ROUTINGS)}; got {wanted!r}", param="routing")
+        previous = await self.router.admission.set_routing(wanted)
+        return JSONResponse({"routing": wanted, "previous": previous})
 
     # ---- the gateway's state, also for handle callers ------------------------------------------
 

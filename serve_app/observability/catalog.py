@@ -117,10 +117,9 @@ STATE = (
     Gauge("replicas_draining", "gateway_replicas_draining", "LLM replicas finishing their requests before they stop"),
     Gauge("drain_rate_per_s", "gateway_drain_rate_requests_per_second", "Requests per second the slots finish"),
     Gauge(
-        "unloaded_ms_per_token",
-        "gateway_unloaded_seconds_per_token",
-        "The fastest replica's time per output token when unloaded",
-        scale=0.001,
+        "pending_prefill_tokens",
+        "gateway_pending_prefill_tokens",
+        "Prompt tokens sent to the replicas whose first token has not come back",
     ),
 )
 # Per replica: each entry of the state's `replica_detail` list, labelled with its engine's host:port.
@@ -128,4 +127,35 @@ STATE_PER_REPLICA = (
     Gauge("in_flight", "gateway_replica_in_flight_requests", "Requests holding a slot on this replica now"),
     Gauge("limit", "gateway_replica_concurrency_limit", "This replica's concurrency limit now"),
     Gauge("dispatched", "gateway_replica_dispatched", "Requests sent to this replica", True),
+    Gauge(
+        "pending_prefill_tokens",
+        "gateway_replica_pending_prefill_tokens",
+        "Prompt tokens sent to this replica (less those expected cached) whose first token has not come back",
+    ),
+    Gauge(
+        "kv_tokens",
+        "gateway_replica_kv_tokens",
+        "KV-cache tokens this replica's requests add, by the gateway's count: uncached prompt and expected output",
+    ),
+    Gauge(
+        "prefill_tokens_per_s",
+        "gateway_replica_prefill_tokens_per_second",
+        "This replica's measured prefill rate, which sets its prefill budget",
+    ),
+    Gauge(
+        "expected_cached_share",
+        "gateway_replica_expected_prefix_cached_ratio",
+        "Share of the prompt tokens sent here that the prefix index expected cached",
+    ),
+    Gauge(
+        "engine_prefix_cache_hit_rate",
+        "gateway_replica_engine_prefix_cache_hit_ratio",
+        "vLLM's prefix-cache hits over queries since it started, read from its /metrics",
+    ),
+    Gauge("engine_waiting", "gateway_replica_engine_waiting_requests", "Requests waiting inside vLLM's scheduler"),
+    Gauge(
+        "engine_kv_cache_usage",
+        "gateway_replica_engine_kv_cache_usage_ratio",
+        "vLLM's KV-cache usage, 0 to 1, read from its /metrics",
+    ),
 )

@@ -201,7 +201,8 @@ class _Collector:
         for gauge in catalog.STATE_PER_REPLICA:
             family = _family(gauge, ["replica"])
             for replica in replicas:
-                family.add_metric([replica["replica"]], replica[gauge.state_key] * gauge.scale)
+                if replica.get(gauge.state_key) is not None:  # an engine's figure not read yet
+                    family.add_metric([replica["replica"]], replica[gauge.state_key] * gauge.scale)
             yield family
 
 

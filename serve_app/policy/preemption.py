@@ -3,8 +3,8 @@
 Only a request that has not sent its first token may go: its client has seen nothing, so an abort
 in the engine and a fresh start later cost it nothing but delay. The Router that holds it has the
 last word (it knows whether a byte went out); the gateway only picks a candidate: the most
-recently granted request of the lowest class, granted within `window_s`, so most likely still in
-its prefill, and not already asked. `victim_for` says when to ask at all: for a waiting high
+recently granted request of the lowest class, granted within `window_s`, whose first token has not
+come back (`prefilling`, from the Routers' reports), and not already asked. `victim_for` says when to ask at all: for a waiting high
 request that no slot is on its way to.
 """
 
@@ -24,6 +24,9 @@ class Preemptible(Protocol):
     granted_at: float
     preempt_asked_at: float | None
 
+    @property
+    def prefilling(self) -> bool: ...
+
 
 G = TypeVar("G", bound=Preemptible)
 
@@ -34,7 +37,9 @@ def pending_asks(grants: Iterable[Preemptible], now: float) -> int:
 
 def choose_victim(grants: Iterable[G], waiting: Priority, now: float, window_s: float) -> G | None:
     candidates = [
-        g for g in grants if g.priority > waiting and g.preempt_asked_at is None and now - g.granted_at <= window_s
+        g
+        for g in grants
+        if g.priority > waiting and g.preempt_asked_at is None and now - g.granted_at <= window_s and g.prefilling
     ]
     return max(candidates, key=lambda g: (g.priority, g.granted_at), default=None)
 

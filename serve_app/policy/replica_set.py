@@ -1,49 +1,25 @@
-"""The LLM replicas the gateway may dispatch to, and how many requests each may run: pure bookkeeping.
+"""The LLM replicas the gateway may dispatch to, what each holds, and where the next request goes: pure bookkeeping.
 
-Every dispatch slot belongs to one replica. A replica's limit is its knee (`concurrency_limit`)
-when adaptive admission is on, else its `max_ongoing`; a share of that limit is reserved for the
-higher classes (`Reservation`) while those classes are in use, and a slot is granted on the replica
-with the most room for the asking class. No Ray, no HTTP, no asyncio.
+Every dispatch slot belongs to one replica. A replica takes a request of a class while it has a slot left
+for that class (`max_ongoing`, less the reserves of the classes above it that are in use: `reservation`),
+and, for medium and low, while its pending prefill is within its budget (`token_load.PrefillBudget`).
+Among the replicas that can take it, `routing` picks by cached prefix and token load. No Ray, no HTTP,
+no asyncio.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from serve_app.policy.concurrency_limit import KneeLimit
+from serve_app.policy import routing
+from serve_app.policy.prefix_index import BLOCK_CHARS, PrefixIndex
 from serve_app.policy.priority import Priority
+from serve_app.policy.reservation import Demand, Reservation
+from serve_app.policy.routing import Candidate, Routing
+from serve_app.policy.token_load import PrefillBudget, PrefillRate, PromptShape, ReplicaLoad, TokenEstimates, Work
 
-
-@dataclass(frozen=True)
-class Reservation:
-    """`shares[k]`: the part of each replica's limit that only class k and the classes above it may use.
-
-    `hold_s`: a share is held back only while a class it is for has arrived within the last `hold_s` seconds
-    (None: always). Without it, a gateway that sees no high request still idles high's share: measured on an
-    H200, an all-medium load at 256 concurrent ran 230 at a time and gave 0.76x bare vLLM's tokens/s."""
-
-    shares: Mapping[Priority, float] = field(default_factory=dict)
-    hold_s: float | None = None
-
-    @classmethod
-    def for_classes(cls, high: float = 0.0, medium: float = 0.0, hold_s: float | None = None) -> Reservation:
-        """`high`: share only high may use; `medium`: a further share high and medium may use, low may not."""
-        if high < 0 or medium < 0 or high + medium >= 1:
-            raise ValueError("reserved shares must be >= 0 and leave low part of the slots")
-        if hold_s is not None and hold_s <= 0:
-            raise ValueError("hold_s must be positive, or None to hold the shares always")
-        return cls({Priority.HIGH: high, Priority.MEDIUM: medium}, hold_s)
-
-    def allowed(self, limit: int, priority: Priority, in_use: Callable[[Priority], bool] | None = None) -> int:
-        """Slots of `limit` that `priority` may fill: all but the shares of the classes above it that are in use
-        (`in_use(k)`, from `ReplicaSet.active_classes`: a request of class k or above arrived lately; None: all are). At least one, so a class
-        never waits on an idle replica."""
-        share = sum(s for k, s in self.shares.items() if k < priority and (in_use is None or in_use(k)))
-        if share <= 0 or limit <= 1:
-            return limit
-        return max(1, limit - math.ceil(round(limit * share, 9)))
+__all__ = ["Placement", "Replica", "ReplicaSet", "Reservation", "Routing"]
 
 
 @dataclass(eq=False)
@@ -51,33 +27,50 @@ class Replica:
     replica_id: str
     url: str
     max_ongoing: int
-    limiter: KneeLimit | None = None
     in_flight: int = 0
     dispatched: int = 0  # requests ever sent here
+    cached_tokens: int = 0  # prompt tokens the index expected it to have cached, over those requests
+    prompt_tokens: int = 0
+    load: ReplicaLoad = field(default_factory=ReplicaLoad)
+    prefill_rate: PrefillRate = field(default_factory=PrefillRate)
     live: bool = True  # False once removed: slots still held on it are returned to nobody
     draining: bool = False  # shutting down: finishes what it runs, takes nothing new
 
     @property
     def limit(self) -> int:
-        if self.draining:
-            return 0
-        return self.limiter.limit if self.limiter is not None else self.max_ongoing
+        return 0 if self.draining else self.max_ongoing
 
     @property
     def free(self) -> int:
         return self.limit - self.in_flight
 
 
+@dataclass(eq=False)
+class Placement:
+    """A slot on `replica` for one request, and the work it was counted as there."""
+
+    replica: Replica
+    work: Work
+
+
 class ReplicaSet:
     def __init__(
         self,
         reservation: Reservation | None = None,
-        limiter_factory: Callable[[int], KneeLimit] | None = None,
+        budget: PrefillBudget | None = None,
+        routing_policy: Routing = Routing.CACHE_AWARE,
+        index: PrefixIndex | None = None,
+        decode_weight: float = routing.DECODE_WEIGHT,
     ) -> None:
-        """`limiter_factory(max_ongoing)` gives each replica its adaptive limit; None keeps max_ongoing."""
+        """`budget`: the pending prefill that medium and low may leave on a replica; None holds nothing back."""
         self._replicas: dict[str, Replica] = {}
         self.reservation = reservation or Reservation()
-        self._limiter_factory = limiter_factory
+        self.budget = budget
+        self.routing = routing_policy
+        self.index = index if index is not None else PrefixIndex()
+        self.decode_weight = decode_weight
+        self.estimates = TokenEstimates()
+        self.high_demand = Demand()
         self._last_arrival: dict[Priority, float] = {}
 
     def __len__(self) -> int:
@@ -88,12 +81,12 @@ class ReplicaSet:
 
     @property
     def capacity(self) -> int:
-        """The upper bound: every serving replica's max_ongoing (a draining one takes nothing new)."""
+        """Every serving replica's max_ongoing (a draining one takes nothing new)."""
         return sum(r.max_ongoing for r in self._replicas.values() if not r.draining)
 
     @property
     def limit(self) -> int:
-        """What the gateway runs at once now: every replica's current limit."""
+        """What the gateway may run at once now: every replica's limit."""
         return sum(r.limit for r in self._replicas.values())
 
     @property
@@ -101,10 +94,9 @@ class ReplicaSet:
         return sum(r.in_flight for r in self._replicas.values())
 
     def add(self, replica_id: str, url: str, max_ongoing: int) -> Replica:
-        """A replica that registers again (restarted on the same id) starts from zero."""
+        """A replica that registers again (restarted on the same id) starts from zero, its cache too."""
         self.remove(replica_id)
-        limiter = self._limiter_factory(max_ongoing) if self._limiter_factory else None
-        replica = Replica(replica_id, url, max_ongoing, limiter)
+        replica = Replica(replica_id, url, max_ongoing)
         self._replicas[replica_id] = replica
         return replica
 
@@ -112,6 +104,7 @@ class ReplicaSet:
         replica = self._replicas.pop(replica_id, None)
         if replica is not None:
             replica.live = False
+            self.index.forget(replica_id)
         return replica
 
     def drain(self, replica_id: str) -> Replica | None:
@@ -132,12 +125,16 @@ class ReplicaSet:
     def by_url(self, url: str) -> Replica | None:
         return next((r for r in self._replicas.values() if r.url == url), None)
 
+    # ---- reserves ----------------------------------------------------------------------------------
+
     def arrived(self, priority: Priority, now: float) -> None:
         """A request of this class arrived: the shares held for it are held from now for `hold_s`."""
         self._last_arrival[priority] = now
+        if priority == Priority.HIGH:
+            self.high_demand.arrived(now)
 
     def active_classes(self, now: float | None) -> Callable[[Priority], bool] | None:
-        """Which reserved shares are held at `now`: that of class k while k or a class above it arrived within
+        """Which reserves are held at `now`: that of class k while k or a class above it arrived within
         `hold_s`. None (every share held) without a time or a `hold_s`."""
         hold_s = self.reservation.hold_s
         if hold_s is None or now is None:
@@ -152,27 +149,73 @@ class ReplicaSet:
             return None
         return min((at + hold_s for at in self._last_arrival.values() if at + hold_s > now), default=None)
 
-    def room(self, replica: Replica, priority: Priority, now: float | None = None) -> int:
-        return self._room(replica, priority, self.active_classes(now))
+    def high_reserve(self, now: float | None) -> int:
+        """High's reserved slots on each replica, when they come from its demand."""
+        if not self.reservation.high_from_demand:
+            return 0
+        return self.high_demand.reserve(now if now is not None else 0.0, max(self.serving, 1))
 
-    def _room(self, replica: Replica, priority: Priority, in_use: Callable[[Priority], bool] | None) -> int:
-        return self.reservation.allowed(replica.limit, priority, in_use) - replica.in_flight
+    def room(self, replica: Replica, priority: Priority, now: float | None = None) -> int:
+        return self._room(replica, priority, self.active_classes(now), self.high_reserve(now))
+
+    def _room(
+        self, replica: Replica, priority: Priority, in_use: Callable[[Priority], bool] | None, high_slots: int
+    ) -> int:
+        return self.reservation.allowed(replica.limit, priority, in_use, high_slots) - replica.in_flight
 
     def can_take(self, priority: Priority, now: float | None = None) -> bool:
-        in_use = self.active_classes(now)
-        return any(self._room(r, priority, in_use) > 0 for r in self._replicas.values())
+        """A slot is free for the class on some replica (the prefill budget aside: it never holds high)."""
+        in_use, high_slots = self.active_classes(now), self.high_reserve(now)
+        return any(self._room(r, priority, in_use, high_slots) > 0 for r in self._replicas.values())
 
-    def take(self, priority: Priority = Priority.HIGH, now: float | None = None) -> Replica | None:
-        """One slot on the replica with the most room for this class, or None when none has room."""
-        in_use = self.active_classes(now)  # once per call, not once per replica
-        rooms = ((r, self._room(r, priority, in_use)) for r in self._replicas.values())
-        best, room = max(rooms, key=lambda pair: pair[1], default=(None, 0))
-        if best is None or room <= 0:
+    # ---- placing -----------------------------------------------------------------------------------
+
+    def work(self, replica: Replica, priority: Priority, shape: PromptShape, matched_blocks: int = 0) -> Work:
+        prompt = self.estimates.prompt_tokens(shape.chars)
+        cached = min(self.estimates.prompt_tokens(matched_blocks * BLOCK_CHARS), prompt - 1) if matched_blocks else 0
+        return Work(priority, prompt, cached, self.estimates.output_tokens(shape.max_tokens))
+
+    def take(
+        self, priority: Priority = Priority.HIGH, now: float | None = None, shape: PromptShape | None = None
+    ) -> Placement | None:
+        """A slot for a request of this class on the replica `routing` picks, or None when none can take it."""
+        shape = shape or PromptShape()
+        in_use, high_slots = self.active_classes(now), self.high_reserve(now)  # once per call, not per replica
+        open_ = [
+            (r, room)
+            for r in self._replicas.values()
+            if (room := self._room(r, priority, in_use, high_slots)) > 0
+            and (self.budget is None or self.budget.admits(r.load, r.prefill_rate, priority))
+        ]
+        if not open_:
             return None
-        best.in_flight += 1
-        best.dispatched += 1
-        return best
+        matched = self.index.match(shape.blocks, (r.replica_id for r, _ in open_)) if shape.blocks else {}
+        candidates = [
+            Candidate(r, room, r.load, self.work(r, priority, shape, matched.get(r.replica_id, 0))) for r, room in open_
+        ]
+        best = routing.choose(candidates, self.routing, self.decode_weight)
+        assert best is not None
+        replica, work = best.key, best.work
+        replica.in_flight += 1
+        replica.dispatched += 1
+        replica.prompt_tokens += work.prompt_tokens
+        replica.cached_tokens += work.cached_tokens
+        replica.load.add(work)
+        if shape.blocks:
+            self.index.record(shape.blocks, replica.replica_id)
+        return Placement(replica, work)
 
-    def give_back(self, replica: Replica) -> None:
+    def first_token(self, placement: Placement, seconds: float, pending_ahead: int) -> None:
+        """The request's first token came `seconds` after its dispatch, with `pending_ahead` prefill tokens
+        pending ahead of it then: its prefill is done, and the replica's prefill rate learns from it."""
+        work = placement.work
+        if not work.prefilling or not placement.replica.live:
+            return
+        placement.replica.load.prefilled(work)
+        placement.replica.prefill_rate.observe(pending_ahead + work.prefill_tokens, seconds)
+
+    def give_back(self, placement: Placement) -> None:
+        replica = placement.replica
         if replica.live:
             replica.in_flight -= 1
+            replica.load.remove(placement.work)
