@@ -141,6 +141,12 @@ class LLMConfig(StrictModel):
     )
     env_vars: dict[str, str] = Field(default_factory=dict, description="environment of each engine replica")
     num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float | None = Field(
+        None,
+        gt=0,
+        description="GPUs per replica (default: tensor_parallel_size); a fraction shares one GPU between "
+        "replicas, each with its own gpu_memory_utilization share",
+    )
     startup_timeout_s: float = Field(900.0, gt=0, description="how long vLLM's server may take to load and warm up")
     autoscaling: AutoscalingConfig = AutoscalingConfig()
 
@@ -159,6 +165,10 @@ class LLMConfig(StrictModel):
     def _gpu_only_options(self) -> LLMConfig:
         if self.accelerator == "cpu" and self.tensor_parallel_size > 1:
             raise ValueError("tensor_parallel_size > 1 needs accelerator: gpu")
+        if self.num_gpus is not None and self.accelerator == "cpu":
+            raise ValueError("num_gpus needs accelerator: gpu")
+        if self.num_gpus is not None and self.num_gpus < 1 and self.tensor_parallel_size > 1:
+            raise ValueError("a fraction of a GPU (num_gpus < 1) needs tensor_parallel_size 1")
         return self
 
     def deployment_options(self, drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S) -> dict[str, Any]:
@@ -176,7 +186,8 @@ class LLMConfig(StrictModel):
             "health_check_timeout_s": 60,
             "graceful_shutdown_timeout_s": shutdown_timeout_s(drain_timeout_s),
         }
-        actor["num_gpus"] = self.tensor_parallel_size if self.accelerator == "gpu" else 0
+        gpus = self.num_gpus if self.num_gpus is not None else self.tensor_parallel_size
+        actor["num_gpus"] = gpus if self.accelerator == "gpu" else 0
         options["ray_actor_options"] = actor
         return options
 

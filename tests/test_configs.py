@@ -39,13 +39,22 @@ def test_config_validates(path: Path):
     assert serve_args.scheduling_policy == "priority"
     assert raw["proxy_location"] == "Disabled" and args.http.port == 8000, "the Routers own port 8000"
     if args.llm.accelerator == "gpu":
-        assert options["ray_actor_options"]["num_gpus"] == 1
+        assert options["ray_actor_options"]["num_gpus"] == (args.llm.num_gpus or 1)
         assert args.router.num_replicas >= 2, "GPU configs scale the ingress out"
         if "bench" not in path.name:  # the benchmark config copies bare vLLM's options instead
             assert serve_args.reasoning_parser == "qwen3"
             assert serve_args.max_num_seqs and serve_args.max_num_batched_tokens
     else:
         assert options["ray_actor_options"]["num_gpus"] == 0
+
+
+def test_replicas_may_share_a_gpu():
+    llm = LLMConfig(accelerator="gpu", num_gpus=0.25, engine_kwargs={"gpu_memory_utilization": 0.2})
+    assert llm.deployment_options()["ray_actor_options"]["num_gpus"] == 0.25
+    with pytest.raises(ValueError, match="tensor_parallel_size 1"):
+        LLMConfig(accelerator="gpu", num_gpus=0.5, engine_kwargs={"tensor_parallel_size": 2})
+    with pytest.raises(ValueError, match="accelerator: gpu"):
+        LLMConfig(num_gpus=0.5)
 
 
 def test_tensor_parallel_replica_holds_all_its_gpus():

@@ -211,3 +211,28 @@ def test_a_short_prompt_load_is_bounded_by_slots_alone():
     a.prefill_rate.observe(100_000, 1.0)
     placed = [replicas.take(Priority.LOW, 0.0, shape("hello there " * 5)) for _ in range(5)]
     assert [p is not None for p in placed] == [True] * 4 + [False], "max_ongoing is the bound"
+
+
+def test_under_overload_a_request_waits_for_its_warm_replica_unless_the_others_are_far_less_loaded():
+    replicas = ReplicaSet(budget=PrefillBudget(seconds=1.0, min_tokens=1000))
+    warm, cold = replicas.add("warm", "http://warm", 64), replicas.add("cold", "http://cold", 64)
+    for r in (warm, cold):
+        r.prefill_rate.observe(20_000, 1.0)  # a budget of 20k pending tokens each
+    first = replicas.take(Priority.LOW, 0.0, shape(SYSTEM * 4 + "q0"))  # ~2,000 tokens, 7k characters shared
+    assert first is not None and first.replica is warm
+    warm.load.pending[Priority.LOW] += 16_000  # both near their budget: an overload
+    cold.load.pending[Priority.LOW] += 18_000
+    assert replicas.take(Priority.LOW, 0.0, shape(SYSTEM * 4 + "q1")).replica is warm, "within budget: warm"
+    warm.load.pending[Priority.LOW] += 2_000
+    assert warm.load.pending_prefill >= 20_000
+    assert replicas.take(Priority.LOW, 0.0, shape(SYSTEM * 4 + "q2")) is None, (
+        "warm is past its budget and cold would prefill the whole prompt again: wait for warm"
+    )
+    assert replicas.take(Priority.LOW, 0.0, shape("unrelated " * 200)).replica is cold, "no cache to keep: cold"
+    cold.load.pending[Priority.LOW] = 0  # cold drained: far less loaded than warm
+    assert replicas.take(Priority.LOW, 0.0, shape(SYSTEM * 4 + "q3")).replica is cold, "imbalanced: it spills"
+    ll = ReplicaSet(budget=PrefillBudget(seconds=1.0, min_tokens=1000), routing_policy=Routing.LEAST_LOADED)
+    a, b = ll.add("a", "http://a", 64), ll.add("b", "http://b", 64)
+    a.prefill_rate.observe(2000, 1.0)
+    a.load.pending[Priority.LOW] = 5000
+    assert ll.take(Priority.LOW, 0.0, shape("x" * 4000)).replica is b, "least_loaded takes any replica in budget"

@@ -1,5 +1,9 @@
-"""A second application with two LLM replicas, beside the suite's: a retry goes to the other replica,
-and a deleted application lets its running streams finish.
+"""A second application with two LLM replicas, beside the suite's: routing by cached prefix, no queueing
+below capacity, a retry goes to the other replica, and a deleted application lets its running streams finish.
+
+- Requests that share a long system prompt land on one replica: vLLM's own prefix-cache counters show
+  every one of them queried on that engine and found cached there, none on the other.
+- Long prompts at a load the engines can run at once are never held in the gateway's queue.
 
 - One replica's engine is killed; requests sent right after all complete, those that met the dead
   engine sent once more, to the replica that lives.
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import signal
 import time
 
@@ -19,6 +24,9 @@ import httpx
 import psutil
 import pytest
 from conftest import MODEL_ID, delete_app, stats, wait_until_ready
+
+from serve_app.bench.workload import tagged_text, words
+from serve_app.engine import engine_metrics
 
 pytestmark = pytest.mark.engine
 
@@ -77,6 +85,85 @@ def engine_cores_by_replica() -> list[list[psutil.Process]]:
                 [p for p in proc.children(recursive=True) if "EngineCore" in " ".join(p.cmdline() or [p.name()])]
             )
     return found
+
+
+def engine_prefix_counters(base_url: str) -> dict[str, tuple[float, float]]:
+    """Each engine's (prefix-cache hits, queries) in tokens, from vLLM's own /metrics: the engines are found
+    through the gateway's /metrics/targets, their figures are vLLM's, not the gateway's bookkeeping."""
+    groups = httpx.get(f"{base_url}/metrics/targets", timeout=10).json()
+    counters = {}
+    for target in [t for group in groups for t in group["targets"]]:
+        figures = engine_metrics.parse(httpx.get(f"http://{target}/metrics", timeout=10).text)
+        counters[target] = (figures.prefix_cache_hits or 0.0, figures.prefix_cache_queries or 0.0)
+    return counters
+
+
+async def test_requests_sharing_a_long_prefix_land_on_one_replica(pair):
+    rng = random.Random(7)
+    system = tagged_text("You answer for the billing team. Their handbook follows:", 1200, rng)
+
+    def body(i: int) -> dict:
+        question = f"Question {i}: {words(rng, 20)}?"
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+        return {"model": MODEL_ID, "messages": messages, "max_tokens": 4}
+
+    before = engine_prefix_counters(pair)
+    assert len(before) == 2, before
+    async with httpx.AsyncClient(base_url=pair, timeout=httpx.Timeout(600, connect=10)) as http:
+        first = await http.post("/v1/chat/completions", json=body(0))
+        assert first.status_code == 200, first.text[:300]
+        # Four at once (the warm replica's four slots): all should follow the first.
+        rest = await asyncio.gather(*(http.post("/v1/chat/completions", json=body(i)) for i in range(1, 5)))
+    assert [r.status_code for r in rest] == [200] * 4, [r.text[:200] for r in rest]
+    prompt_tokens = first.json()["usage"]["prompt_tokens"]
+    assert prompt_tokens > 1000
+
+    def settled() -> dict[str, tuple[float, float]]:
+        """The counters once every query is in them (vLLM counts at each engine step)."""
+        deadline = time.monotonic() + 30
+        while True:
+            now = engine_prefix_counters(pair)
+            queried = sum(now[t][1] - before[t][1] for t in before)
+            if queried >= 5 * prompt_tokens or time.monotonic() > deadline:
+                return now
+            time.sleep(0.5)
+
+    after = settled()
+    hits = {t: after[t][0] - before[t][0] for t in before}
+    queries = {t: after[t][1] - before[t][1] for t in before}
+    warm = max(queries, key=queries.__getitem__)
+    cold = next(t for t in queries if t != warm)
+    print("\nprefix-cache hits / queries per engine:", {t: (hits[t], queries[t]) for t in before})
+    assert queries[warm] >= 5 * prompt_tokens * 0.95, "all five prompts were prefilled on one engine"
+    assert queries[cold] < prompt_tokens * 0.5, "none went to the other engine"
+    assert hits[warm] >= 4 * 1000, "the four that followed found the shared prefix in that engine's cache"
+
+
+async def test_a_long_prompt_load_below_capacity_is_never_queued(pair):
+    """Six clients on eight slots (two engines of four sequences each), prompts of about 1,000 tokens: the
+    engines can run them all at once, so the gateway holds none back. The per-token knee that came before
+    read long prefills as a slow engine and queued them."""
+    rng = random.Random(11)
+    waits: list[float] = []
+
+    async def client(http: httpx.AsyncClient, c: int) -> None:
+        for i in range(2):
+            content = tagged_text(f"client {c} request {i}:", 1000, rng)
+            body = {
+                "model": MODEL_ID,
+                "messages": [{"role": "user", "content": content}],
+                "max_tokens": 16,
+                "ignore_eos": True,
+            }
+            response = await http.post("/v1/chat/completions", json=body)
+            assert response.status_code == 200, response.text[:300]
+            waits.append(float(response.headers["x-queue-wait-ms"]))
+
+    async with httpx.AsyncClient(base_url=pair, timeout=httpx.Timeout(600, connect=10)) as http:
+        await asyncio.gather(*(client(http, c) for c in range(6)))
+    assert waits == [0.0] * 12, f"queued in the gateway (ms): {waits}"
+    router = stats(pair, settle=False)["router"]
+    assert router["pending_prefill_tokens"] == 0 and router["in_flight"] == 0, router
 
 
 async def one_stream(http: httpx.AsyncClient, body: dict, first: asyncio.Event | None = None) -> str:

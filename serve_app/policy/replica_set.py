@@ -181,21 +181,26 @@ class ReplicaSet:
         """A slot for a request of this class on the replica `routing` picks, or None when none can take it."""
         shape = shape or PromptShape()
         in_use, high_slots = self.active_classes(now), self.high_reserve(now)  # once per call, not per replica
-        open_ = [
-            (r, room)
-            for r in self._replicas.values()
-            if (room := self._room(r, priority, in_use, high_slots)) > 0
-            and (self.budget is None or self.budget.admits(r.load, r.prefill_rate, priority))
+        slotted = [
+            (r, room) for r in self._replicas.values() if (room := self._room(r, priority, in_use, high_slots)) > 0
         ]
-        if not open_:
+        if self.routing is Routing.LEAST_LOADED:  # blind to caches: any replica within its budget will do
+            slotted = [(r, room) for r, room in slotted if self._within_budget(r, priority)]
+        if not slotted:
             return None
-        matched = self.index.match(shape.blocks, (r.replica_id for r, _ in open_)) if shape.blocks else {}
+        matched = self.index.match(shape.blocks, (r.replica_id for r, _ in slotted)) if shape.blocks else {}
         candidates = [
-            Candidate(r, room, r.load, self.work(r, priority, shape, matched.get(r.replica_id, 0))) for r, room in open_
+            Candidate(r, room, r.load, self.work(r, priority, shape, matched.get(r.replica_id, 0)))
+            for r, room in slotted
         ]
         best = routing.choose(candidates, self.routing, self.decode_weight)
         assert best is not None
         replica, work = best.key, best.work
+        # The cheapest replica may be past its budget: the request then waits for it, rather than taking a cold
+        # replica that costs more (its whole prefill again) because that one freed first. The cost already
+        # counts the queue there: a replica loaded far beyond the others loses to them and the request spills.
+        if not self._within_budget(replica, priority):
+            return None
         replica.in_flight += 1
         replica.dispatched += 1
         replica.prompt_tokens += work.prompt_tokens
@@ -204,6 +209,9 @@ class ReplicaSet:
         if shape.blocks:
             self.index.record(shape.blocks, replica.replica_id)
         return Placement(replica, work)
+
+    def _within_budget(self, replica: Replica, priority: Priority) -> bool:
+        return self.budget is None or self.budget.admits(replica.load, replica.prefill_rate, priority)
 
     def first_token(self, placement: Placement, seconds: float, pending_ahead: int) -> None:
         """The request's first token came `seconds` after its dispatch, with `pending_ahead` prefill tokens
