@@ -9,7 +9,8 @@
 #        replica's KV cache) at RATE: least_loaded, cache_aware, cache_aware_class_blind;
 #      - unique prompts of PREFIX_TOKENS + SUFFIX_TOKENS at NOPREFIX_RATE: least_loaded, cache_aware.
 # summary.txt: per run and class TTFT p50/p99 (from the scheduled send), throughput, hit rate; raw in $OUT/*.tgz.
-# Usage: RATE=120 NOPREFIX_RATE=30 bash scripts/gpu/prefix_routing.sh
+# OVER_RATE (unset: skipped): class-aware against class-blind again at a rate that overloads even the warm replicas.
+# Usage: RATE=120 NOPREFIX_RATE=30 OVER_RATE=300 bash scripts/gpu/prefix_routing.sh
 . /tmp/extra/kit/env.sh
 set -u
 OUT=${OUT:-/tmp/out}; raw=/tmp/prefix_routing; rm -rf "$raw"; mkdir -p "$raw" "$OUT"
@@ -80,6 +81,12 @@ say "== shared prefixes: $PREFIXES x $PREFIX_TOKENS tokens, $SUFFIX_TOKENS-token
 for policy in $POLICIES; do
   run "$policy" "$RATE" shared --prefixes "$PREFIXES" --prefix-tokens "$PREFIX_TOKENS" --suffix-tokens "$SUFFIX_TOKENS"
 done
+if [ -n "${OVER_RATE:-}" ]; then  # class awareness where the warm replicas are overloaded even with their caches
+  say "== shared prefixes at $OVER_RATE req/s (overload): class-aware against class-blind"
+  for policy in cache_aware cache_aware_class_blind; do
+    run "$policy" "$OVER_RATE" over --prefixes "$PREFIXES" --prefix-tokens "$PREFIX_TOKENS" --suffix-tokens "$SUFFIX_TOKENS"
+  done
+fi
 say "== no shared prefix: unique prompts of $((PREFIX_TOKENS + SUFFIX_TOKENS)) tokens, $NOPREFIX_RATE req/s"
 for policy in least_loaded cache_aware; do
   run "$policy" "$NOPREFIX_RATE" unique --prompt-tokens "$((PREFIX_TOKENS + SUFFIX_TOKENS))"
@@ -106,8 +113,9 @@ for label in ("shared", "unique"):
         thr = s["request_throughput"] / base["request_throughput"] if base["request_throughput"] else float("nan")
         a, b = ttft(s), ttft(base)
         print(f"{label:6s} {policy:24s} throughput {thr:.2f}x, TTFT p50 {a / b if a and b else float('nan'):.2f}x")
-aware, blind = load("shared_cache_aware"), load("shared_cache_aware_class_blind")
-if aware and blind:
-    a, b = ttft(aware, "high", "p99"), ttft(blind, "high", "p99")
-    print(f"high TTFT p99: class-aware {a:.0f} ms, class-blind {b:.0f} ms: {a / b:.2f}x")
+for label in ("shared", "over"):
+    aware, blind = load(f"{label}_cache_aware"), load(f"{label}_cache_aware_class_blind")
+    if aware and blind:
+        a, b = ttft(aware, "high", "p99"), ttft(blind, "high", "p99")
+        print(f"{label}: high TTFT p99 class-aware {a:.0f} ms, class-blind {b:.0f} ms: {a / b:.2f}x")
 EOF
