@@ -35,3 +35,16 @@ def test_a_role_that_is_not_a_string_is_refused_not_crashed_on():
     for role in (["user"], {"a": 1}, 3):
         with pytest.raises(InvalidBody):
             check_chat_roles({"messages": [{"role": role, "content": "x"}]})
+
+
+def test_the_prompt_shape_of_any_body_is_computed_without_raising():
+    from serve_app.http.request_body import prompt_shape
+
+    odd = "\udcff"  # what a client's invalid UTF-8 in a JSON string decodes to
+    chars, blocks, max_tokens = prompt_shape("chat", {"model": odd, "messages": [{"role": "user", "content": "Hi"}]})
+    assert chars == len("<user>Hi") and blocks == () and max_tokens is None
+    image = {"type": "image_url", "image_url": {"url": odd * 10}}
+    chars, blocks, _ = prompt_shape("chat", {"messages": [{"role": "user", "content": [image, {"text": "x" * 600}]}]})
+    assert chars > 4096 and len(blocks) >= 2, "an image counts as text of its size, and its URL's hash is hashed"
+    assert prompt_shape("completions", {"prompt": [1, 2, 3], "max_tokens": 5}) == (5, (), 5)
+    assert prompt_shape("completions", {"prompt": None, "max_tokens": "many"}) == (0, (), None)

@@ -39,6 +39,8 @@ def test_block_hashes_name_whole_prefixes_and_are_stable():
     assert block_hashes(SYSTEM, "m") == block_hashes(SYSTEM, "m"), "no per-process salt: every Router agrees"
     assert len(block_hashes("y" * BLOCK_CHARS * (MAX_BLOCKS + 10))) == MAX_BLOCKS, "bounded work per request"
     assert block_hashes("short") == ()
+    odd = "\udcff"  # a lone surrogate: valid JSON escape, invalid text; the engine answers it with a 400
+    assert len(block_hashes(odd * BLOCK_CHARS, odd)) == 1, "hashing never fails, whatever a client sends"
 
 
 def test_the_index_matches_leading_blocks_per_replica():

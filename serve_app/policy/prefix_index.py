@@ -28,7 +28,7 @@ def block_hashes(text: str, namespace: str = "", block_chars: int = BLOCK_CHARS)
     either). `namespace` (the model) starts the chain, so two models never share an entry. Stable across
     processes (blake2b, not Python's salted `hash`), so every Router names a prefix alike."""
     hashes = []
-    previous = hashlib.blake2b(namespace.encode(), digest_size=8).digest()
+    previous = hashlib.blake2b(namespace.encode("utf-8", "surrogatepass"), digest_size=8).digest()
     full = min(len(text) // block_chars, MAX_BLOCKS)
     for i in range(full):
         block = text[i * block_chars : (i + 1) * block_chars].encode("utf-8", "surrogatepass")
