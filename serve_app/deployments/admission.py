@@ -25,6 +25,7 @@ from ray.exceptions import RayActorError
 
 from serve_app.config import NO_ACCESS_LOG, SINGLE_LOOP_ENV, AdmissionConfig, QueueConfig
 from serve_app.deployments import process_priority
+from serve_app.deployments.admission_client import Shape
 from serve_app.deployments.health import answers_health
 from serve_app.deployments.scheduler import Scheduler, Slot
 from serve_app.engine import engine_metrics
@@ -92,7 +93,7 @@ class AdmissionActor:
         router_id: str | None = None,
         front: bool = False,
         tenant: str | None = None,
-        shape: tuple[int, tuple[int, ...], int | None] | None = None,
+        shape: Shape | None = None,
     ) -> dict[str, Any]:
         """Waits for a slot; returns the replica's URL and the wait (`Grant`'s fields). Raises GatewayError (429/503).
         `router_id` makes the request preemptible: asks reach that Router through `preemptions`.

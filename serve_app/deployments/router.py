@@ -24,7 +24,7 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app.config import NO_ACCESS_LOG, SINGLE_LOOP_ENV, AppArgs
 from serve_app.deployments import process_priority
-from serve_app.deployments.admission_client import AdmissionClient, Grant
+from serve_app.deployments.admission_client import AdmissionClient, Grant, Shape
 from serve_app.errors import ErrorKind, GatewayError
 from serve_app.http import relay
 from serve_app.http import server as http_server
@@ -67,7 +67,7 @@ class InFlight:
     first_chunk_at: float | None = None
     output_tokens: int | None = None
     prompt_tokens: int | None = None  # as the engine counted them, from the usage
-    shape: tuple[int, tuple[int, ...], int | None] | None = None  # request_body.prompt_shape, for placing it
+    shape: Shape | None = None  # request_body.prompt_shape, for placing it
     client_wants_usage: bool = True
     preempt_asked: bool = False  # the Router closed the upstream on purpose, to run it again later
     preemptions: int = 0

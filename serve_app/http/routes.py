@@ -22,6 +22,7 @@ from serve_app.http import server
 from serve_app.policy.api_keys import KeyPolicy, KeyRing, bearer
 from serve_app.policy.priority import PRIORITY_HEADER, parse_priority
 from serve_app.policy.refusals import NotReady
+from serve_app.policy.routing import Routing
 
 if TYPE_CHECKING:
     from serve_app.deployments.router import Router
@@ -30,7 +31,7 @@ logger = logging.getLogger("ray.serve")
 
 Handler = Callable[[Request], Awaitable[Response]]
 ADMIN_PATHS = frozenset({"/metrics", "/metrics/targets", "/v1/stats", "/v1/admin/routing"})
-ROUTINGS = ("cache_aware", "cache_aware_class_blind", "least_loaded")  # config.AdmissionConfig.routing
+ROUTINGS = tuple(r.value for r in Routing)
 OPEN_PATHS = frozenset({"/health"})  # load balancers and probes carry no key
 
 
