@@ -68,16 +68,31 @@ def test_high_reserve_from_demand_follows_littles_law():
     assert demand.reserve(now=200.0, replicas=1) <= 2, "high stopped coming: the reserve decays with its rate"
 
 
-def test_the_demand_reserve_holds_only_what_high_needs():
+def test_the_demand_reserve_is_on_top_of_the_limit_and_sized_by_high_demand():
     replicas = ReplicaSet(Reservation.for_classes(high="auto", hold_s=60))
-    replicas.add("a", "http://a", 256)
-    assert replicas.room(replicas.get("a"), Priority.MEDIUM, now=0.0) == 256, "no high yet: nothing held"
+    a = replicas.add("a", "http://a", 256)
+    assert replicas.room(a, Priority.HIGH, now=0.0) == 257, "no demand measured yet: one slot on top"
     for i in range(400):  # 2 high requests/s holding a slot 1 s each: L = 2
         replicas.arrived(Priority.HIGH, i * 0.5)
         replicas.high_demand.served(1.0)
-    held = 256 - replicas.room(replicas.get("a"), Priority.MEDIUM, now=200.0)
-    assert 4 <= held <= 7, f"L + 2 sqrt(L) for L near 2, not a fixed 10% (26 slots): held {held}"
-    assert replicas.room(replicas.get("a"), Priority.HIGH, now=200.0) == 256
+    extra = replicas.room(a, Priority.HIGH, now=200.0) - 256
+    assert 4 <= extra <= 7, f"L + 2 sqrt(L) for L near 2, not a fixed 10% (26 slots): {extra}"
+    assert replicas.room(a, Priority.MEDIUM, now=200.0) == 256, "medium and low keep every slot the engine runs"
+    assert replicas.room(a, Priority.LOW, now=200.0) == 256
+    a.in_flight = 256
+    assert replicas.room(a, Priority.LOW, now=200.0) == 0 and replicas.room(a, Priority.HIGH, now=200.0) == extra
+
+
+def test_a_load_that_has_just_started_is_read_at_its_rate():
+    """The decayed count of a load started t seconds ago is corrected for t: a 12 s run of 50 high/s is not
+    read as 17/s (what a 30 s window without the correction gave on the H200)."""
+    demand = Demand(window_s=10.0)
+    for i in range(600):
+        demand.arrived(i * 0.02)
+    assert demand.rate(12.0) == pytest.approx(50.0, rel=0.05)
+    one = Demand(window_s=10.0)
+    one.arrived(0.0)
+    assert one.rate(0.0) < 1.1, "one arrival is not a burst"
 
 
 def test_predicted_wait_and_retry_after_come_from_the_drain_rate():

@@ -133,12 +133,21 @@ async def test_a_waiting_high_request_preempts_a_low_stream_that_has_sent_nothin
     slow = {**CHAT, "messages": [{"role": "user", "content": "SLOW"}], "stream": True}
     low = asyncio.ensure_future(post(gateway, slow, **{"X-Priority": "low"}))
     await wait_until(lambda: len(fake.bodies) == 1)  # the low stream holds the only slot, silent
+    # High's reserve (one slot before its demand is measured) is on top of the replica's slots: a first high
+    # request goes to the engine at once, with no preemption; it holds that slot, silent, until its client leaves.
+    held = {**CHAT, "messages": [{"role": "user", "content": "SLOW too"}], "stream": True}
+    holder = asyncio.ensure_future(post(gateway, held, **{"X-Priority": "high"}))
+    await wait_until(lambda: len(fake.bodies) == 2)
+    assert (await gateway.actor.state())["preempt_asks_low"] == 0
     high = await post(gateway, {**CHAT, "stream": True}, **{"X-Priority": "high"})
     assert high.status_code == 200 and len(sse(high.text)) == TOKENS
+    holder.cancel()  # the high holder's client leaves: the slot it held is the low's again
+    await asyncio.gather(holder, return_exceptions=True)
     low_answer = await low
     assert len(sse(low_answer.text)) == TOKENS, "the low stream started over and its client saw one answer"
-    assert [b["priority"] for b in fake.bodies] == [2, 0, 2]
-    records = {r["priority"]: r for r in await gateway.finished()}
+    assert [b["priority"] for b in fake.bodies] == [2, 0, 0, 2]
+    await wait_until_async(gateway.finished, lambda records: len(records) == 3)
+    records = {r["priority"]: r for r in gateway.records if r["priority"] == "low"}
     assert records["low"]["outcome"] == "completed" and records["low"]["preemptions"] == 1
     assert records["low"]["retried"] is False
     assert (await gateway.actor.state())["preempt_asks_low"] == 1

@@ -9,7 +9,7 @@ import pytest
 from serve_app.policy.prefix_index import BLOCK_CHARS, MAX_BLOCKS, PrefixIndex, block_hashes
 from serve_app.policy.priority import Priority
 from serve_app.policy.replica_set import ReplicaSet
-from serve_app.policy.routing import Candidate, Routing, choose, cost
+from serve_app.policy.routing import Candidate, Routing, choose, load_of
 from serve_app.policy.token_load import (
     PrefillBudget,
     PrefillRate,
@@ -119,6 +119,9 @@ def test_the_prefill_budget_never_holds_high_and_starts_unbounded():
     assert budget.admits(load, rate, Priority.LOW), "no rate measured yet: nothing is held back on a guess"
     rate.observe(20_000, 1.0)  # 20k tokens/s measured: a budget of 20k tokens
     assert budget.tokens(rate) == 20_000
+    assert not budget.admits(load, rate, Priority.LOW)
+    assert budget.admits(load, rate, Priority.MEDIUM), "low's pending prefill runs after medium's"
+    load.add(Work(Priority.MEDIUM, 30_000, 0, 10))
     assert not budget.admits(load, rate, Priority.MEDIUM)
     assert budget.admits(load, rate, Priority.HIGH)
     slow = PrefillRate()
@@ -131,12 +134,14 @@ def test_the_prefill_budget_never_holds_high_and_starts_unbounded():
 # ---- routing ------------------------------------------------------------------------------------
 
 
-def candidate(key: str, pending: dict[Priority, int], kv: int, prompt: int, cached: int, prio: Priority, room=8):
+def candidate(
+    key: str, pending: dict[Priority, int], kv: int, prompt: int, cached: int, prio: Priority, room=8, budget=20_000.0
+):
     load = ReplicaLoad(dict(pending), kv)
-    return Candidate(key, room, load, Work(prio, prompt, cached, 64))
+    return Candidate(key, room, load, Work(prio, prompt, cached, 64), budget)
 
 
-def test_the_cost_weighs_the_cached_prefix_against_the_load():
+def test_the_cached_prefix_wins_while_the_load_is_in_balance():
     none = dict.fromkeys(Priority, 0)
     warm = candidate("warm", none, 0, prompt=4000, cached=3900, prio=Priority.MEDIUM)
     cold = candidate("cold", none, 0, prompt=4000, cached=0, prio=Priority.MEDIUM)
@@ -144,11 +149,40 @@ def test_the_cost_weighs_the_cached_prefix_against_the_load():
     assert choose([cold, warm], Routing.LEAST_LOADED).key == "cold", "the old policy: first of the most room"
     busy = {Priority.HIGH: 0, Priority.MEDIUM: 2000, Priority.LOW: 6000}
     warm_busy = candidate("warm", busy, 10_000, prompt=4000, cached=3900, prio=Priority.MEDIUM)
-    assert cost(warm_busy, class_aware=True) == 100 + 0.5 * (2000 + 1000), "low's prefill runs after medium's"
-    assert cost(warm_busy, class_aware=False) == 100 + 0.5 * (8000 + 1000)
-    assert choose([cold, warm_busy], Routing.CACHE_AWARE).key == "warm", "cheaper than a cold prefill still"
-    swamped = candidate("warm", {**busy, Priority.MEDIUM: 9000}, 20_000, 4000, 3900, Priority.MEDIUM)
-    assert choose([cold, swamped], Routing.CACHE_AWARE).key == "cold", "imbalanced: load wins over affinity"
+    assert load_of(warm_busy, class_aware=True) == 2000 + 1000, "low's prefill runs after medium's"
+    assert load_of(warm_busy, class_aware=False) == 8000 + 1000
+    # 9,000 tokens of load against none: within half the 20k budget, so the cache still wins (the old cost,
+    # uncached + 0.5 x load, spilled this request: 100 + 4,500 against a cold 4,000)
+    assert choose([cold, warm_busy], Routing.CACHE_AWARE_CLASS_BLIND).key == "warm"
+    swamped = candidate("warm", {**busy, Priority.MEDIUM: 12_000}, 20_000, 4000, 3900, Priority.MEDIUM)
+    assert choose([cold, swamped], Routing.CACHE_AWARE).key == "cold", "out of balance: load wins over affinity"
+
+
+def test_every_replica_as_busy_as_the_others_keeps_its_prefixes():
+    """Under overload every replica has its budget pending: no spill, whatever the absolute load."""
+    full = {Priority.HIGH: 0, Priority.MEDIUM: 40_000, Priority.LOW: 40_000}
+    fuller = {Priority.HIGH: 0, Priority.MEDIUM: 60_000, Priority.LOW: 50_000}
+    warm = candidate("warm", fuller, 0, prompt=4000, cached=3900, prio=Priority.LOW, budget=80_000)
+    cold = candidate("cold", full, 0, prompt=4000, cached=0, prio=Priority.LOW, budget=80_000)
+    assert choose([cold, warm], Routing.CACHE_AWARE).key == "warm", "110k against 80k: within 1.5x"
+    hot = candidate("hot", {**fuller, Priority.LOW: 200_000}, 0, 4000, 3900, Priority.LOW, budget=80_000)
+    assert choose([cold, hot], Routing.CACHE_AWARE).key == "cold", "260k against 80k: out of balance"
+
+
+def test_a_fresh_replica_without_a_measured_budget_spills_past_the_default_slack():
+    none = dict.fromkeys(Priority, 0)
+    cold = candidate("cold", none, 0, prompt=4000, cached=0, prio=Priority.MEDIUM, budget=math.inf)
+    small = candidate("warm", {**none, Priority.MEDIUM: 8000}, 0, 4000, 3900, Priority.MEDIUM, budget=math.inf)
+    big = candidate("warm", {**none, Priority.MEDIUM: 9000}, 0, 4000, 3900, Priority.MEDIUM, budget=math.inf)
+    assert choose([cold, small], Routing.CACHE_AWARE).key == "warm"
+    assert choose([cold, big], Routing.CACHE_AWARE).key == "cold"
+
+
+def test_among_equally_cached_replicas_the_lightest_wins():
+    none = dict.fromkeys(Priority, 0)
+    a = candidate("a", {**none, Priority.LOW: 3000}, 0, prompt=4000, cached=3900, prio=Priority.LOW)
+    b = candidate("b", {**none, Priority.LOW: 1000}, 0, prompt=4000, cached=3900, prio=Priority.LOW)
+    assert choose([a, b], Routing.CACHE_AWARE).key == "b"
 
 
 def test_class_aware_routing_keeps_high_on_the_warm_replica_and_spills_low():
@@ -200,11 +234,25 @@ def test_medium_and_low_wait_when_the_prefill_budget_is_spent_high_does_not():
     def long_prompt(i: int) -> PromptShape:
         return shape(f"{i}" + "q" * 11_999)  # 3,000 tokens, none shared
 
-    assert replicas.take(Priority.LOW, 0.0, long_prompt(1)) is not None, "under budget"
-    assert replicas.take(Priority.LOW, 0.0, long_prompt(2)) is not None, "3,000 pending < 4,000: still room"
+    assert replicas.take(Priority.MEDIUM, 0.0, long_prompt(1)) is not None, "under budget"
+    assert replicas.take(Priority.MEDIUM, 0.0, long_prompt(2)) is not None, "3,000 pending < 4,000: still room"
     assert replicas.take(Priority.MEDIUM, 0.0, long_prompt(3)) is None, "6,000 pending: medium waits in the gateway"
+    assert replicas.take(Priority.LOW, 0.0, long_prompt(3)) is None, "and low, behind it"
     assert replicas.take(Priority.HIGH, 0.0, long_prompt(4)) is not None, "high is never held by the budget"
     assert a.in_flight == 3 and math.isclose(a.load.pending_prefill, 9000)
+
+
+def test_medium_counts_only_the_prefill_that_runs_before_it():
+    """The engine runs medium's prefill before low's: low's backlog does not keep medium in the gateway."""
+    replicas = ReplicaSet(budget=PrefillBudget(seconds=1.0, min_tokens=1000))
+    a = replicas.add("a", "http://a", 64)
+    a.prefill_rate.observe(4000, 1.0)
+    lows = [replicas.take(Priority.LOW, 0.0, shape(f"{i}" + "q" * 11_999)) for i in range(3)]
+    assert [p is not None for p in lows] == [True, True, False], "low: 6,000 pending, past the 4,000 budget"
+    assert replicas.take(Priority.MEDIUM, 0.0, shape("m" + "q" * 11_999)) is not None, "no medium pending"
+    assert replicas.take(Priority.MEDIUM, 0.0, shape("n" + "q" * 11_999)) is not None, "3,000 of medium's"
+    assert replicas.take(Priority.MEDIUM, 0.0, shape("o" + "q" * 11_999)) is None, "6,000 of medium's: full"
+    assert a.load.pending_ahead_of(Priority.MEDIUM) == 6000 and a.load.pending_prefill == 12_000
 
 
 def test_a_short_prompt_load_is_bounded_by_slots_alone():

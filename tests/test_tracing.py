@@ -220,10 +220,16 @@ async def test_a_preempted_stream_queues_again_in_the_same_trace(traced, receive
     slow = {**CHAT, "messages": [{"role": "user", "content": "SLOW"}], "stream": True}
     low = asyncio.ensure_future(post(traced, slow, **{"X-Priority": "low", "traceparent": TRACEPARENT}))
     await wait_until(lambda: len(fake.bodies) == 1)
+    # a first high takes high's reserve on top of the one slot and holds it; the second one preempts the low
+    held = {**CHAT, "messages": [{"role": "user", "content": "SLOW too"}], "stream": True}
+    holder = asyncio.ensure_future(post(traced, held, **{"X-Priority": "high"}))
+    await wait_until(lambda: len(fake.bodies) == 2)
     high = await post(traced, {**CHAT, "stream": True}, **{"X-Priority": "high"})
+    holder.cancel()
+    await asyncio.gather(holder, return_exceptions=True)
     assert high.status_code == 200 and len(sse((await low).text)) == TOKENS
 
-    root, children = split((await traces(traced, receiver, requests=2))[TRACE_ID])
+    root, children = split((await traces(traced, receiver, requests=3))[TRACE_ID])
     stages = ["gateway.admission", "gateway.dispatch", "gateway.relay"]
     assert [s.name for s in children] == stages * 2
     assert attributes(children[2])["gateway.requeued"] == "preempted"

@@ -9,6 +9,7 @@ no asyncio.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -190,15 +191,15 @@ class ReplicaSet:
             return None
         matched = self.index.match(shape.blocks, (r.replica_id for r, _ in slotted)) if shape.blocks else {}
         candidates = [
-            Candidate(r, room, r.load, self.work(r, priority, shape, matched.get(r.replica_id, 0)))
+            Candidate(r, room, r.load, self.work(r, priority, shape, matched.get(r.replica_id, 0)), self._budget(r))
             for r, room in slotted
         ]
         best = routing.choose(candidates, self.routing, self.decode_weight)
         assert best is not None
         replica, work = best.key, best.work
-        # The cheapest replica may be past its budget: the request then waits for it, rather than taking a cold
-        # replica that costs more (its whole prefill again) because that one freed first. The cost already
-        # counts the queue there: a replica loaded far beyond the others loses to them and the request spills.
+        # The chosen replica may be past its budget: the request then waits for it, rather than taking a cold
+        # replica (its whole prefill again, and another prefix evicted there) because that one freed first.
+        # `routing` already left out replicas loaded out of balance: then the request spills.
         if not self._within_budget(replica, priority):
             return None
         replica.in_flight += 1
@@ -209,6 +210,9 @@ class ReplicaSet:
         if shape.blocks:
             self.index.record(shape.blocks, replica.replica_id)
         return Placement(replica, work)
+
+    def _budget(self, replica: Replica) -> float:
+        return math.inf if self.budget is None else self.budget.tokens(replica.prefill_rate)
 
     def _within_budget(self, replica: Replica, priority: Priority) -> bool:
         return self.budget is None or self.budget.admits(replica.load, replica.prefill_rate, priority)

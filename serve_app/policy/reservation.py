@@ -1,9 +1,13 @@
-"""Slots held back for the higher classes: a fixed share, or for high what its measured demand needs.
+"""Slots held for the higher classes: a fixed share of each replica's limit, or for high, by default, slots on
+top of the limit as many as its measured demand needs.
 
-High's reserve follows Little's law by default: the slots high occupies on average are its arrival rate times
-the time it holds a slot (L = λ·W), and the reserve is that plus two standard deviations of a Poisson count
-(L + 2·√L), so a high request finds a free slot at once about 98% of the time, while medium is not kept out of
-slots that high does not use. A fixed 10% of 256 slots held 26 back from medium for a high demand of 3. Pure.
+High's reserve follows Little's law: the slots high occupies on average are its arrival rate times the time it
+holds a slot (L = λ·W), and the reserve is that plus two standard deviations of a Poisson count (L + 2·√L), so a
+high request finds a slot at once about 98% of the time. These slots come on top of `max_ongoing_requests`
+rather than out of it: the engine schedules by priority, so a high request sent to a full engine is the first of
+its queue and runs as soon as any sequence ends, while medium and low keep every slot the engine can run.
+Measured on an H200 at 0.7x capacity with short prompts, a reserve taken out of the 256 slots queued medium and
+low in the gateway while the engine had room (docs/benchmarks.md, seventh session). Pure.
 """
 
 from __future__ import annotations
@@ -47,31 +51,37 @@ class Reservation:
         in_use: Callable[[Priority], bool] | None = None,
         high_slots: int = 0,
     ) -> int:
-        """Slots of `limit` that `priority` may fill: all but the reserves of the classes above it that are in
-        use (`in_use(k)`: a request of class k or above arrived lately; None: all are). `high_slots`: high's
-        reserve on this replica when it comes from demand. At least one, so a class never waits on an idle
-        replica."""
+        """Slots that `priority` may fill on a replica of `limit`: all but the shares of the classes above it
+        that are in use (`in_use(k)`: a request of class k or above arrived lately; None: all are), and for high
+        its `high_slots` on top when its reserve comes from demand. At least one, so a class never waits on an
+        idle replica."""
+        if priority == Priority.HIGH and self.high_from_demand and limit > 0:
+            return limit + high_slots
         reserved = 0.0
         for k, share in self.shares.items():
             if k < priority and (in_use is None or in_use(k)):
-                reserved += high_slots if (k == Priority.HIGH and self.high_from_demand) else limit * share
+                reserved += limit * share
         if reserved <= 0 or limit <= 1:
             return limit
         return max(1, limit - math.ceil(round(reserved, 9)))
 
 
 class Demand:
-    """One class's demand for slots: its arrival rate (an exponentially decayed count over `window_s`) times its
-    mean slot time (a moving average over its releases)."""
+    """One class's demand for slots: its arrival rate (an exponentially decayed count over `window_s`, corrected
+    for the time it has been counting, so that a load that has just started is not read as a third of itself)
+    times its mean slot time (a moving average over its releases)."""
 
-    def __init__(self, window_s: float = 30.0, alpha: float = 0.1) -> None:
+    def __init__(self, window_s: float = 10.0, alpha: float = 0.1) -> None:
         self.window_s = window_s
         self._alpha = alpha
         self._count = 0.0
         self._at: float | None = None
+        self._since: float | None = None
         self.mean_slot_s: float | None = None
 
     def arrived(self, now: float) -> None:
+        if self._since is None:
+            self._since = now
         self._count = self._decayed(now) + 1.0
         self._at = now
 
@@ -82,7 +92,12 @@ class Demand:
         self.mean_slot_s = slot_s if mean is None else (1 - self._alpha) * mean + self._alpha * slot_s
 
     def rate(self, now: float) -> float:
-        return self._decayed(now) / self.window_s
+        if self._since is None:
+            return 0.0
+        # The decayed count of a steady rate λ after t seconds is λ·w·(1 - e^(-t/w)): divide by that, not by w.
+        # At least a second of counting, so that one arrival is not read as a burst.
+        counted_s = max(now - self._since, 1.0)
+        return self._decayed(now) / (self.window_s * -math.expm1(-counted_s / self.window_s))
 
     def concurrency(self, now: float) -> float:
         """L = λ·W: the slots this class holds on average."""

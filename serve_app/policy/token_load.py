@@ -127,10 +127,14 @@ class PrefillRate:
 
 @dataclass(frozen=True)
 class PrefillBudget:
-    """How much prefill a replica may have pending before medium and low wait in the gateway instead: `seconds`
-    of it at the replica's measured rate, never less than `min_tokens`, unbounded until a rate is measured (a
-    fresh replica is never held back on a guess). High is not held by it: the engine runs high's prefill
-    before the others' (its priority scheduling), so what is pending delays high little."""
+    """How much prefill may be pending ahead of a request on a replica before it waits in the gateway instead:
+    `seconds` of it at the replica's measured rate, never less than `min_tokens`, unbounded until a rate is
+    measured (a fresh replica is never held back on a guess).
+
+    Class-aware, as the engine's queue is (`--scheduling-policy priority`): medium counts only the prefill of
+    high and medium, since whatever low has pending runs after it. Counting low's too kept medium in the
+    gateway behind low's backlog, where in bare vLLM it would have gone ahead of it: medium's TTFT p99 was 1.8x
+    bare's at 1.5x capacity on an H200 (docs/benchmarks.md, seventh session). High is never held by it."""
 
     seconds: float = 1.0
     min_tokens: int = 8192
@@ -143,4 +147,4 @@ class PrefillBudget:
     def admits(self, load: ReplicaLoad, rate: PrefillRate, priority: Priority) -> bool:
         """Whether a request of `priority` may be sent now: while some budget is left (a request larger than
         the whole budget still goes once the replica has less pending than that)."""
-        return priority == Priority.HIGH or load.pending_prefill < self.tokens(rate)
+        return priority == Priority.HIGH or load.pending_ahead_of(priority) < self.tokens(rate)
