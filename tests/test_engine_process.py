@@ -55,3 +55,43 @@ def test_api_server_count_starts_that_many_servers_in_front_of_one_engine():
     _, alive = psutil.wait_procs(children, timeout=30)
     left = [c for c in alive if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     assert not left, f"left running 30 s after SIGTERM: {[(c.name(), c.cmdline()[:4]) for c in left]}"
+
+
+def test_a_server_killed_outright_leaves_no_engine_behind():
+    """SIGKILL to vLLM's server process (an OOM kill, a crash) gives it no chance to stop its engine core: the
+    reaper `server_process` forks at start kills the server's whole group `GRACE_S` later. Before it, the
+    engine core and its worker were left running on CPU, adopted by init, as on the H200 (58.7 GB held)."""
+    from serve_app.deployments.llm_server import _die_with_parent
+    from serve_app.engine.server_process import GRACE_S
+
+    port = free_port()
+    options = {**DEFAULT_MODEL_ENGINE_KWARGS, "max_model_len": 512, "max_num_seqs": 4}
+    argv = vllm_compat.server_command() + serve_argv(
+        resolve_model_source(DEFAULT_MODEL_SOURCE), "m", options, "127.0.0.1", port
+    )
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    # as the replica starts it: its own process group, SIGTERM when this (the replica) dies
+    proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+    group: list[psutil.Process] = []
+    try:
+        wait_for_server(f"http://127.0.0.1:{port}", proc, START_TIMEOUT_S)
+        group = [p for p in psutil.process_iter() if _pgid(p.pid) == proc.pid and p.pid != proc.pid]
+        names = [" ".join(p.cmdline()[:3]) or p.name() for p in group]
+        assert len(group) >= 2, f"the reaper and vLLM's engine core at least: {names}"
+        proc.kill()
+        proc.wait(10)
+        _, alive = psutil.wait_procs(group, timeout=GRACE_S + 30)
+        left = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert not left, f"left running after the server was killed: {[(p.pid, p.cmdline()[:4]) for p in left]}"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
