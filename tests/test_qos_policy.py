@@ -93,6 +93,9 @@ def test_a_load_that_has_just_started_is_read_at_its_rate():
     one = Demand(window_s=10.0)
     one.arrived(0.0)
     assert one.rate(0.0) < 1.1, "one arrival is not a burst"
+    for i in range(600):  # 12 s of 50/s again after 30 s idle: read anew, not diluted by the idle time
+        demand.arrived(42.0 + i * 0.02)
+    assert demand.rate(54.0) == pytest.approx(50.0, rel=0.05)
 
 
 def test_predicted_wait_and_retry_after_come_from_the_drain_rate():

@@ -68,8 +68,8 @@ class Reservation:
 
 class Demand:
     """One class's demand for slots: its arrival rate (an exponentially decayed count over `window_s`, corrected
-    for the time it has been counting, so that a load that has just started is not read as a third of itself)
-    times its mean slot time (a moving average over its releases)."""
+    for the time it has been counting since it was last idle for a window, so that a load that has just started
+    is not read as a third of itself) times its mean slot time (a moving average over its releases)."""
 
     def __init__(self, window_s: float = 10.0, alpha: float = 0.1) -> None:
         self.window_s = window_s
@@ -80,8 +80,8 @@ class Demand:
         self.mean_slot_s: float | None = None
 
     def arrived(self, now: float) -> None:
-        if self._since is None:
-            self._since = now
+        if self._at is None or now - self._at > self.window_s:  # the first, or after an idle spell: count anew
+            self._since, self._count = now, 0.0
         self._count = self._decayed(now) + 1.0
         self._at = now
 
