@@ -75,6 +75,11 @@ class AdmissionConfig(StrictModel):
         5.0, gt=0, description="a lower request granted this recently may be preempted for high; null: never"
     )
     shed_on_predicted_wait: bool = Field(True, description="429 at arrival when the predicted wait passes max_wait_s")
+    router_lease_s: float = Field(
+        15.0,
+        gt=0,
+        description="a Router not heard from for this long is taken for dead: its slots and queued requests are freed",
+    )
     fair_share: bool = Field(
         True, description="within a class, the least-served tenant (API key, else `user`) goes first"
     )

@@ -45,7 +45,9 @@ TEST_ARGS = {
     "replica_check_s": 0.5,
     # No reserve for high: with the default (`auto`) high has slots on top of the one, and never waits, where
     # these tests need every class to queue for the one slot. tests/test_qos_policy.py covers the reserve.
-    "admission": {"reserved": {"high": 0}},
+    # A Router not heard from for 10 s is taken for dead (tests/test_router_death.py): short, for the test to
+    # be quick, and still many renewals (every 3.3 s) long on a busy machine.
+    "admission": {"reserved": {"high": 0}, "router_lease_s": 10},
 }
 
 

@@ -33,6 +33,7 @@ from serve_app.engine.engine_metrics import EngineFigures
 from serve_app.errors import ErrorKind, GatewayError, refusal_error
 from serve_app.policy.api_keys import RateLimits
 from serve_app.policy.fairness import TenantCounters
+from serve_app.policy.leases import Leases
 from serve_app.policy.prefix_index import PrefixIndex
 from serve_app.policy.priority import Priority
 from serve_app.policy.refusals import NotReady, Refused
@@ -83,6 +84,10 @@ class AdmissionActor:
         self._ever_ready = False
         self._replica_check_s = replica_check_s
         self._checker: asyncio.Task[None] | None = None
+        self.leases = Leases((config or AdmissionConfig()).router_lease_s)
+        self._waiting_owner: dict[str, str] = {}  # router id, by request id, of the requests still queued
+        self._sweeper: asyncio.Task[None] | None = None
+        self.reclaimed = {"routers": 0, "slots": 0, "queued": 0}  # from Routers whose lease ran out
 
     # ---- per request ---------------------------------------------------------------------------
 
@@ -110,6 +115,9 @@ class AdmissionActor:
                     kind=ErrorKind.RATE_LIMITED,
                 )
         prompt = PromptShape(*shape) if shape is not None else None
+        if router_id is not None:
+            self._renew(router_id)
+            self._waiting_owner[request_id] = router_id
         task = asyncio.ensure_future(self.scheduler.acquire(prio, front=front, tenant=tenant or "", shape=prompt))
         self._waiting[request_id] = task
         try:
@@ -123,6 +131,7 @@ class AdmissionActor:
             raise refusal_error(exc) from None
         finally:
             self._waiting.pop(request_id, None)
+            self._waiting_owner.pop(request_id, None)
         if request_id in self._released_early:  # the Router gave up while the grant was on its way
             self._released_early.discard(request_id)
             self.scheduler.release(slot)
@@ -164,13 +173,58 @@ class AdmissionActor:
 
     async def preemptions(self, router_id: str) -> list[str]:
         """A Router's standing call: returns the ids of its requests that should give up their slots, when
-        there are any. The Router preempts those that have not sent a byte, and releases them."""
+        there are any, and otherwise an empty list every `leases.renew_s`, so that each call renews the
+        Router's lease (`policy/leases.py`). The Router preempts those that have not sent a byte, and
+        releases them."""
+        self._renew(router_id)
+        deadline = time.monotonic() + self.leases.renew_s
         while True:
             asked = self._mailboxes.pop(router_id, None)
             if asked:
                 return asked
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return []
             self._mail.clear()
-            await self._mail.wait()
+            try:
+                await asyncio.wait_for(self._mail.wait(), left)
+            except asyncio.TimeoutError:
+                return []
+
+    def _renew(self, router_id: str) -> None:
+        self.leases.touch(router_id, time.monotonic())
+        if self._sweeper is None:
+            self._sweeper = asyncio.ensure_future(self._sweep_leases())
+
+    async def _sweep_leases(self) -> None:
+        while True:
+            await asyncio.sleep(self.leases.renew_s)
+            for router_id in self.leases.expired(time.monotonic()):
+                self._reclaim(router_id)
+
+    def _reclaim(self, router_id: str) -> None:
+        """A Router not heard from for a lease is dead: its slots go back, its queued requests leave the queue."""
+        slots = [rid for rid, slot in self._slots.items() if slot.owner is not None and slot.owner[0] == router_id]
+        for request_id in slots:
+            self._tenants.pop(request_id, None)
+            self._prompt_chars.pop(request_id, None)
+            self.scheduler.release(self._slots.pop(request_id))
+        queued = [rid for rid, owner in self._waiting_owner.items() if owner == router_id]
+        for request_id in queued:
+            task = self._waiting.get(request_id)
+            if task is not None:
+                task.cancel()
+        self._mailboxes.pop(router_id, None)
+        self.reclaimed["routers"] += 1
+        self.reclaimed["slots"] += len(slots)
+        self.reclaimed["queued"] += len(queued)
+        logger.warning(
+            "Router %s not heard from for %.0f s: taken for dead; %d slots freed, %d queued requests dropped",
+            router_id,
+            self.leases.lease_s,
+            len(slots),
+            len(queued),
+        )
 
     def _ask_to_preempt(self, slot: Slot) -> None:
         if slot.owner is None:
@@ -286,6 +340,8 @@ class AdmissionActor:
             "prefix_index_entries": len(replicas.index),
             **{f"preempt_asks_{p.label}": scheduler.preempt_asks[p] for p in Priority},
             **{f"shed_at_arrival_{p.label}": scheduler.shed_count[p] for p in Priority},
+            "routers_leased": len(self.leases),
+            **{f"reclaimed_{what}": count for what, count in self.reclaimed.items()},
             "replica_detail": [
                 {
                     "replica": urlsplit(r.url).netloc,  # the engine's host:port, as Prometheus names its target

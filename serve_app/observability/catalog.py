@@ -121,6 +121,10 @@ STATE = (
         "gateway_pending_prefill_tokens",
         "Prompt tokens sent to the replicas whose first token has not come back",
     ),
+    Gauge("routers_leased", "gateway_routers", "Routers holding a lease at Admission now"),
+    Gauge("reclaimed_routers", "gateway_dead_routers", "Routers taken for dead after their lease ran out", True),
+    Gauge("reclaimed_slots", "gateway_reclaimed_slots", "Slots freed from Routers taken for dead", True),
+    Gauge("reclaimed_queued", "gateway_reclaimed_queued", "Queued requests of Routers taken for dead, dropped", True),
 )
 # Per replica: each entry of the state's `replica_detail` list, labelled with its engine's host:port.
 STATE_PER_REPLICA = (
