@@ -114,7 +114,8 @@ async def test_a_dead_routers_slot_and_queue_are_freed_and_the_other_routers_cli
             f"no queued request on one of the Routers: { {k: len(v) for k, v in queued.items()} }"
         )
         waiting = sum(len(v) for v in queued.values())
-        stats(gateway, until=lambda now: now["router"]["queued_medium"] == waiting, settle=False)
+        before = stats(gateway, until=lambda now: now["router"]["queued_medium"] == waiting, settle=False)
+        assert (before["router"]["queued_medium"], before["router"]["in_flight"]) == (waiting, 1), before["router"]
 
         dead.send_signal(signal.SIGKILL)
         killed = time.monotonic()
