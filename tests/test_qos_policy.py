@@ -92,7 +92,11 @@ def test_a_load_that_has_just_started_is_read_at_its_rate():
     assert demand.rate(12.0) == pytest.approx(50.0, rel=0.05)
     one = Demand(window_s=10.0)
     one.arrived(0.0)
-    assert one.rate(0.0) < 1.1, "one arrival is not a burst"
+    assert one.rate(0.0) < 4.1, "one arrival is not a burst: read as at most 4/s (a quarter second's count)"
+    burst = Demand(window_s=10.0)
+    for i in range(10):  # 20/s for half a second
+        burst.arrived(i * 0.05)
+    assert burst.rate(0.5) == pytest.approx(20.0, rel=0.1), "a burst is read at its rate within half a second"
     for i in range(600):  # 12 s of 50/s again after 30 s idle: read anew, not diluted by the idle time
         demand.arrived(42.0 + i * 0.02)
     assert demand.rate(54.0) == pytest.approx(50.0, rel=0.05)
