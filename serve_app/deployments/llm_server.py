@@ -7,7 +7,8 @@ engine inside the replica process instead cost 5-15% of throughput, because Ray'
 share that process's GIL with the engine's output loop (docs/benchmarks.md).
 
 The replica registers the server's address with the Admission deployment, leaves it before it
-stops, and stops the server if the replica dies (PR_SET_PDEATHSIG), so a GPU is not left orphaned.
+stops, and stops the server if the replica dies (PR_SET_PDEATHSIG); a reaper in the server's process
+group (`engine/server_process.py`) kills whatever of it is left 10 s later, so a GPU is not left orphaned.
 """
 
 from __future__ import annotations
