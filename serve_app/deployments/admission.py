@@ -367,8 +367,7 @@ class AdmissionActor:
 
     def _budget_tokens(self, replica: Replica) -> float | None:
         """The pending prefill medium and low may leave on the replica now; None while unbounded."""
-        budget = self.scheduler.replicas.budget
-        tokens = budget.tokens(replica.prefill_rate) if budget is not None else math.inf
+        tokens = self.scheduler.replicas.budget_tokens(replica)
         return None if math.isinf(tokens) else round(tokens)
 
     def _not_ready_message(self) -> str:

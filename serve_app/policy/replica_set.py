@@ -191,7 +191,9 @@ class ReplicaSet:
             return None
         matched = self.index.match(shape.blocks, (r.replica_id for r, _ in slotted)) if shape.blocks else {}
         candidates = [
-            Candidate(r, room, r.load, self.work(r, priority, shape, matched.get(r.replica_id, 0)), self._budget(r))
+            Candidate(
+                r, room, r.load, self.work(r, priority, shape, matched.get(r.replica_id, 0)), self.budget_tokens(r)
+            )
             for r, room in slotted
         ]
         best = routing.choose(candidates, self.routing, self.decode_weight)
@@ -211,7 +213,8 @@ class ReplicaSet:
             self.index.record(shape.blocks, replica.replica_id)
         return Placement(replica, work)
 
-    def _budget(self, replica: Replica) -> float:
+    def budget_tokens(self, replica: Replica) -> float:
+        """The pending prefill that medium and low may leave on the replica now (inf: unbounded)."""
         return math.inf if self.budget is None else self.budget.tokens(replica.prefill_rate)
 
     def _within_budget(self, replica: Replica, priority: Priority) -> bool:
