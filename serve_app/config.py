@@ -153,6 +153,11 @@ class LLMConfig(StrictModel):
         "replicas, each with its own gpu_memory_utilization share",
     )
     startup_timeout_s: float = Field(900.0, gt=0, description="how long vLLM's server may take to load and warm up")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Ray custom resources each replica needs, e.g. {llm_node: 1}: places replicas on the nodes "
+        "started with them (`ray start --resources`)",
+    )
     autoscaling: AutoscalingConfig = AutoscalingConfig()
 
     @property
@@ -187,12 +192,16 @@ class LLMConfig(StrictModel):
         options: dict[str, Any] = {
             "autoscaling_config": self.autoscaling.ray_config(),
             "max_ongoing_requests": self.autoscaling.max_ongoing_requests + CONTROL_CALL_HEADROOM,
-            "health_check_period_s": 10,
+            # Each check also registers the replica again with an Admission that restarted: its period bounds
+            # how long a restarted Admission answers 503 "recovering".
+            "health_check_period_s": 2,
             "health_check_timeout_s": 60,
             "graceful_shutdown_timeout_s": shutdown_timeout_s(drain_timeout_s),
         }
         gpus = self.num_gpus if self.num_gpus is not None else self.tensor_parallel_size
         actor["num_gpus"] = gpus if self.accelerator == "gpu" else 0
+        if self.resources:
+            actor["resources"] = dict(self.resources)
         options["ray_actor_options"] = actor
         return options
 

@@ -54,6 +54,7 @@ class ErrorKind(str, Enum):
     CLIENT_GONE_WHILE_QUEUED = "client_gone_while_queued"
     # the gateway and its engines
     ADMISSION_FAILED = "admission_failed"
+    ADMISSION_RECOVERING = "admission_recovering"  # Admission restarted: 503 until its state is rebuilt
     ENGINE_ERROR = "engine_error"
     ENGINE_UNREACHABLE = "engine_unreachable"
     SHUTDOWN = "shutdown"

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import math
 import time
+import uuid
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -25,7 +26,7 @@ from ray.exceptions import RayActorError
 
 from serve_app.config import NO_ACCESS_LOG, SINGLE_LOOP_ENV, AdmissionConfig, QueueConfig
 from serve_app.deployments import process_priority
-from serve_app.deployments.admission_client import Shape
+from serve_app.deployments.admission_client import Held, Shape
 from serve_app.deployments.health import answers_health
 from serve_app.deployments.scheduler import Scheduler, Slot
 from serve_app.engine import engine_metrics
@@ -42,6 +43,10 @@ from serve_app.policy.request_queue import PriorityRequestQueue
 from serve_app.policy.token_load import PrefillBudget, PromptShape
 
 logger = logging.getLogger("ray.serve")
+
+# After a restart, how long a request waits for the replicas to register again (each does at its health check,
+# every 2 s) before it gets 503 "recovering".
+RECOVERY_GRACE_S = 10.0
 
 
 def build_scheduler(queue: QueueConfig, config: AdmissionConfig) -> Scheduler:
@@ -88,6 +93,16 @@ class AdmissionActor:
         self._waiting_owner: dict[str, str] = {}  # router id, by request id, of the requests still queued
         self._sweeper: asyncio.Task[None] | None = None
         self.reclaimed = {"routers": 0, "slots": 0, "queued": 0}  # from Routers whose lease ran out
+        # Requests a Router runs on a replica not registered (yet) since this actor restarted, by request id.
+        self._unplaced: dict[str, tuple[str, Held]] = {}
+        self.restarted = _restarted_by_ray()
+        self.incarnation = uuid.uuid4().hex  # new with each start: how a Router learns of a restart
+        self.rejoined = {"routers": 0, "running": 0}  # what Routers re-announced after a restart
+        self._replicas_back = asyncio.Event()  # after a restart: set once a replica registered again
+        self._started_at = time.monotonic()
+        if self.restarted:
+            self._ever_ready = True  # its replicas served before: until they register again, "recovering"
+            logger.warning("Admission restarted: rebuilding its state as replicas and Routers report in")
 
     # ---- per request ---------------------------------------------------------------------------
 
@@ -118,7 +133,7 @@ class AdmissionActor:
         if router_id is not None:
             self._renew(router_id)
             self._waiting_owner[request_id] = router_id
-        task = asyncio.ensure_future(self.scheduler.acquire(prio, front=front, tenant=tenant or "", shape=prompt))
+        task = asyncio.ensure_future(self._slot(prio, front, tenant or "", prompt))
         self._waiting[request_id] = task
         try:
             slot = await task
@@ -145,6 +160,17 @@ class AdmissionActor:
             self._prompt_chars[request_id] = prompt.chars
         return {"url": slot.replica.url, "queue_wait_s": slot.queue_wait_s}  # a Grant's fields
 
+    async def _slot(self, priority: Priority, front: bool, tenant: str, prompt: PromptShape | None) -> Slot:
+        """Just restarted, with no replica registered again yet, a request first waits for them (in arrival
+        order) rather than get 503 for a state that is being rebuilt, for up to RECOVERY_GRACE_S."""
+        left = self._started_at + RECOVERY_GRACE_S - time.monotonic()
+        if self.restarted and not self._replicas_back.is_set() and left > 0:
+            try:
+                await asyncio.wait_for(self._replicas_back.wait(), left)
+            except asyncio.TimeoutError:
+                pass
+        return await self.scheduler.acquire(priority, front=front, tenant=tenant, shape=prompt)
+
     async def progress(
         self, first_tokens: list[tuple[str, float]], releases: list[tuple[str, int | None, int | None]]
     ) -> None:
@@ -166,30 +192,79 @@ class AdmissionActor:
             if slot is not None:
                 self.scheduler.release(slot, tokens)
                 continue
+            if self._unplaced.pop(request_id, None) is not None:
+                continue
             task = self._waiting.get(request_id)
             if task is not None:
                 self._released_early.add(request_id)
                 task.cancel()
 
-    async def preemptions(self, router_id: str) -> list[str]:
-        """A Router's standing call: returns the ids of its requests that should give up their slots, when
-        there are any, and otherwise an empty list every `leases.renew_s`, so that each call renews the
-        Router's lease (`policy/leases.py`). The Router preempts those that have not sent a byte, and
-        releases them."""
+    async def preemptions(self, router_id: str, known: str | None = None) -> tuple[str, list[str]]:
+        """A Router's standing call: returns this actor's incarnation and the ids of the Router's requests that
+        should give up their slots, when there are any, and otherwise an empty list every `leases.renew_s`, so
+        that each call renews the Router's lease (`policy/leases.py`). The Router preempts those that have not
+        sent a byte, and releases them. A new incarnation tells it that Admission restarted: at once when
+        the incarnation it `known` is not this one."""
         self._renew(router_id)
+        if known is not None and known != self.incarnation:
+            return self.incarnation, []
         deadline = time.monotonic() + self.leases.renew_s
         while True:
             asked = self._mailboxes.pop(router_id, None)
             if asked:
-                return asked
+                return self.incarnation, asked
             left = deadline - time.monotonic()
             if left <= 0:
-                return []
+                return self.incarnation, []
             self._mail.clear()
             try:
                 await asyncio.wait_for(self._mail.wait(), left)
             except asyncio.TimeoutError:
-                return []
+                return self.incarnation, []
+
+    async def rejoin(self, router_id: str, running: list[Held]) -> dict[str, int]:
+        """A Router that lost its calls to this actor (it restarted, or could not be reached) tells what it
+        runs; its word replaces what this actor holds for it. Slots it does not list are given back (their
+        grant never reached it), its queued requests leave the queue (it queues them again, in their order),
+        and each running request it lists holds a slot on its replica, counted as soon as the replica is known."""
+        self._renew(router_id)
+        listed = {held[0] for held in running}
+        mine = [rid for rid, slot in self._slots.items() if slot.owner is not None and slot.owner[0] == router_id]
+        for request_id in mine:
+            if request_id not in listed:
+                self._forget(request_id)
+                self.scheduler.release(self._slots.pop(request_id))
+        for request_id, owner in list(self._waiting_owner.items()):
+            if owner == router_id and (task := self._waiting.get(request_id)) is not None:
+                task.cancel()
+        adopted = 0
+        for held in running:
+            request_id, _, url, *_ = held
+            if request_id in self._slots:
+                continue
+            replica = self.scheduler.replicas.by_url(url)
+            if replica is None:
+                self._unplaced[request_id] = (router_id, held)
+            else:
+                self._adopt(router_id, replica, held)
+                adopted += 1
+        self.rejoined["routers"] += 1
+        self.rejoined["running"] += len(running)
+        logger.info("Router %s rejoined with %d running requests (%d placed now)", router_id, len(running), adopted)
+        return {"running": len(running), "placed": adopted}
+
+    def _adopt(self, router_id: str, replica: Replica, held: Held) -> None:
+        request_id, priority, _, tenant, shape, prefilling = held
+        prompt = PromptShape(*shape) if shape is not None else PromptShape()
+        slot = self.scheduler.adopt(replica, Priority(priority), prompt, tenant or "", prefilling)
+        slot.owner = (router_id, request_id)
+        self._slots[request_id] = slot
+        if tenant is not None:
+            self._tenants[request_id] = tenant
+
+    def _forget(self, request_id: str) -> None:
+        self._tenants.pop(request_id, None)
+        self._prompt_chars.pop(request_id, None)
 
     def _renew(self, router_id: str) -> None:
         self.leases.touch(router_id, time.monotonic())
@@ -206,9 +281,10 @@ class AdmissionActor:
         """A Router not heard from for a lease is dead: its slots go back, its queued requests leave the queue."""
         slots = [rid for rid, slot in self._slots.items() if slot.owner is not None and slot.owner[0] == router_id]
         for request_id in slots:
-            self._tenants.pop(request_id, None)
-            self._prompt_chars.pop(request_id, None)
+            self._forget(request_id)
             self.scheduler.release(self._slots.pop(request_id))
+        for request_id in [rid for rid, (owner, _) in self._unplaced.items() if owner == router_id]:
+            del self._unplaced[request_id]
         queued = [rid for rid, owner in self._waiting_owner.items() if owner == router_id]
         for request_id in queued:
             task = self._waiting.get(request_id)
@@ -236,9 +312,16 @@ class AdmissionActor:
     # ---- replicas ------------------------------------------------------------------------------
 
     async def register_replica(self, replica_id: str, url: str, max_ongoing: int) -> None:
-        self.scheduler.replicas.add(replica_id, url, max_ongoing)
+        replica = self.scheduler.replicas.add(replica_id, url, max_ongoing)
         self._ever_ready = True
-        logger.info("replica %s at %s joined with %d slots", replica_id, url, max_ongoing)
+        self._replicas_back.set()
+        for request_id, (router_id, held) in list(self._unplaced.items()):
+            if held[2] == url:  # re-announced by its Router before the replica registered again
+                del self._unplaced[request_id]
+                self._adopt(router_id, replica, held)
+        logger.info(
+            "replica %s at %s joined with %d slots (%d in use)", replica_id, url, max_ongoing, replica.in_flight
+        )
         self.scheduler.replicas_changed()
         if self._checker is None:
             self._checker = asyncio.ensure_future(self._check_replicas())
@@ -342,6 +425,9 @@ class AdmissionActor:
             **{f"shed_at_arrival_{p.label}": scheduler.shed_count[p] for p in Priority},
             "routers_leased": len(self.leases),
             **{f"reclaimed_{what}": count for what, count in self.reclaimed.items()},
+            "restarted": self.restarted,
+            **{f"rejoined_{what}": count for what, count in self.rejoined.items()},
+            "unplaced_running": len(self._unplaced),
             "replica_detail": [
                 {
                     "replica": urlsplit(r.url).netloc,  # the engine's host:port, as Prometheus names its target
@@ -373,9 +459,19 @@ class AdmissionActor:
     def _not_ready_message(self) -> str:
         if len(self.scheduler.replicas):  # some are left, all of them draining
             return "the model replicas are shutting down"
+        if self.restarted and self._ever_ready:
+            return "the gateway is recovering: its admission service restarted and its model replicas are reporting in"
         if self._ever_ready:
             return "no model replica is serving right now: recovering after a replica failure or restart"
         return "the model is still loading"
+
+
+def _restarted_by_ray() -> bool:
+    """Whether this actor is a restart of one that died (False outside Ray: tests that build it in-process)."""
+    try:
+        return ray.is_initialized() and bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    except Exception:
+        return False
 
 
 class AdmissionReplica:
@@ -384,7 +480,9 @@ class AdmissionReplica:
 
     def __init__(self, drain_timeout_s: float, *actor_args: Any) -> None:
         """`actor_args` are AdmissionActor's, passed through unchanged."""
-        actor = ray.remote(num_cpus=0, max_concurrency=1_000_000)(AdmissionActor)
+        # Ray restarts the actor in place if its process dies (same handle); it then rebuilds its state from
+        # the replicas' health checks and the Routers' `rejoin`. A call in flight then fails, never retried.
+        actor = ray.remote(num_cpus=0, max_concurrency=1_000_000, max_restarts=-1, max_task_retries=0)(AdmissionActor)
         self.actor = actor.remote(*actor_args)
         self.drain_timeout_s = drain_timeout_s
 

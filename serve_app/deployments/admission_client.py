@@ -3,18 +3,24 @@
 Calls go straight to the actor (a plain actor call measured 2.4x cheaper than one through a Serve
 handle), and the actor is found again through its deployment after a restart. First tokens and releases
 are sent in batches: one call in flight at a time carries every report made meanwhile.
+
+When a call fails because the actor died (Ray restarts it empty), the client recovers it: new requests get
+503 "recovering" at once, the Router's running requests are re-announced (`rejoin`), and only then are the
+requests that were queued there queued again, in the order they first came.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ray.exceptions import RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError
 
+from serve_app.errors import ErrorKind, GatewayError
 from serve_app.policy.priority import Priority
 
 logger = logging.getLogger("ray.serve")
@@ -22,6 +28,11 @@ logger = logging.getLogger("ray.serve")
 Release = tuple[str, "int | None", "int | None"]  # request id, output tokens, prompt tokens
 FirstToken = tuple[str, float]  # request id, seconds from its grant to its first token
 Shape = tuple[int, tuple[int, ...], "int | None"]  # prompt characters, prefix block hashes, max_tokens
+# A request a Router runs: request id, priority, replica URL, tenant, shape, still prefilling (no first token yet)
+Held = tuple[str, int, str, "str | None", "Shape | None", bool]
+
+REJOIN_TIMEOUT_S = 5.0  # one try at telling a restarted Admission what runs; tried again until it answers
+RECOVERY_WAIT_S = 30.0  # how long a request that was queued waits for Admission to come back, then 503
 
 
 @dataclass(frozen=True)
@@ -45,6 +56,22 @@ class AdmissionClient:
         self._releasing = False
         self._sender: asyncio.Future[None] | None = None
         self.reports: set[asyncio.Future[None]] = set()  # failure reports under way
+        self.router_id: str | None = None
+        self._running: Callable[[], list[Held]] = list
+        self._incarnation: str | None = None  # the actor's, as of the last standing call
+        self._recovery: asyncio.Future[None] | None = None  # rejoining a restarted actor, until done
+        self._requeue: list[tuple[int, asyncio.Future[None]]] = []  # queued when it died, by first arrival
+        self._order = itertools.count()
+        self.recoveries = 0
+
+    def attach(self, router_id: str, running: Callable[[], list[Held]]) -> None:
+        """The Router this client serves, and what it runs now: re-announced after Admission restarts."""
+        self.router_id = router_id
+        self._running = running
+
+    @property
+    def recovering(self) -> bool:
+        return self._recovery is not None
 
     @classmethod
     def in_process(cls, actor: Any) -> AdmissionClient:
@@ -64,8 +91,36 @@ class AdmissionClient:
         """Waits for a slot. Raises GatewayError: 429 (overload, with Retry-After), 503 (not ready).
         `router_id` makes the request preemptible; `front` queues it at the head of its class (a retry or a
         restart); `tenant` is whose request it is, for fair shares and the key's rate limits; `shape` its
-        prompt's size and prefix (`request_body.prompt_shape`), for placing it."""
-        return Grant(**await self._call("acquire", request_id, int(priority), router_id, front, tenant, shape))
+        prompt's size and prefix (`request_body.prompt_shape`), for placing it. While Admission recovers
+        from a restart: 503 at once; a request that was queued when it died is queued again once it is back."""
+        order, was_queued = next(self._order), False
+        while True:
+            if self._recovery is not None:
+                await self._back_in_turn(order, was_queued)
+            try:
+                reply = await self._call(
+                    "acquire", request_id, int(priority), router_id, front, tenant, shape, retry=False
+                )
+            except RayActorError:
+                self.lost()
+                was_queued = True
+                continue
+            return Grant(**reply)
+
+    async def _back_in_turn(self, order: int, was_queued: bool) -> None:
+        """Waits until Admission is back and every request queued before this one is queued again; a new
+        request (not `was_queued`) is refused at once instead."""
+        if not was_queued:
+            raise _recovering()
+        turn = asyncio.get_running_loop().create_future()
+        self._requeue.append((order, turn))
+        try:
+            await asyncio.wait_for(asyncio.shield(turn), RECOVERY_WAIT_S)
+        except asyncio.TimeoutError:
+            raise _recovering() from None
+        finally:
+            if not turn.done():
+                turn.cancel()
 
     def first_token(self, request_id: str, seconds: float) -> None:
         """The request's first token came `seconds` after its grant: its replica's prefill is done. At once."""
@@ -85,17 +140,52 @@ class AdmissionClient:
 
     async def answer_preemptions(self, router_id: str, answer: Callable[[list[str]], None]) -> None:
         """Runs until cancelled: Admission's asks that this Router give up slots, each batch of request ids
-        handed to `answer`. A failed wait (Admission restarting) is tried again a second later."""
+        handed to `answer`. Each call renews the Router's lease, and tells whether Admission restarted since the
+        last one (its incarnation changed), which starts a recovery even if no call of this Router failed."""
         while True:
             try:
-                asked = await self._call("preemptions", router_id)
+                incarnation, asked = await self._call("preemptions", router_id, self._incarnation, retry=False)
             except asyncio.CancelledError:
                 raise
+            except RayActorError:
+                self.lost()
+                await asyncio.sleep(0.2)
+                continue
             except Exception:
                 logger.exception("waiting for preemption asks failed; retrying")
                 await asyncio.sleep(1)
                 continue
+            if self._incarnation is not None and incarnation != self._incarnation:
+                self.lost()
+            self._incarnation = incarnation
             answer(asked)
+
+    def lost(self) -> None:
+        """A call found the actor gone, or a new one in its place: recover, once however many calls saw it."""
+        if self._recovery is None and self.router_id is not None:
+            self.recoveries += 1
+            logger.warning("Admission did not answer (restarting?): recovering; new requests get 503 meanwhile")
+            self._recovery = asyncio.ensure_future(self._rejoin())
+
+    async def _rejoin(self) -> None:
+        """Tells Admission what this Router runs, until it answers; then lets the requests that were queued
+        queue again, in their first order."""
+        while True:
+            try:
+                running = self._running()
+                await asyncio.wait_for(self._call("rejoin", self.router_id, running), REJOIN_TIMEOUT_S)
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.warning("rejoining Admission failed (%s); trying again", type(exc).__name__)
+                await asyncio.sleep(0.5)
+        logger.info("rejoined Admission with %d running requests; %d queued again", len(running), len(self._requeue))
+        self._recovery = None
+        waiting, self._requeue = sorted(self._requeue, key=lambda entry: entry[0]), []
+        for _, turn in waiting:
+            if not turn.done():
+                turn.set_result(None)
 
     def report_failure_soon(self, url: str | None) -> None:
         """`report_failure` without waiting for it: at once, not at the next periodic check, since a dead
@@ -117,10 +207,18 @@ class AdmissionClient:
             logger.exception("reporting the failure of %s failed", url)
 
     async def state(self) -> dict[str, Any]:
-        return await self._call("state")
+        return await self._answered("state")
 
     async def set_routing(self, routing: str) -> str:
-        return await self._call("set_routing", routing)
+        return await self._answered("set_routing", routing)
+
+    async def _answered(self, method: str, *args: Any) -> Any:
+        """A call whose caller waits for the answer (health, stats): 503 "recovering" when Admission is gone."""
+        try:
+            return await self._call(method, *args)
+        except RayActorError:
+            self.lost()
+            raise _recovering() from None
 
     # ---- replicas ------------------------------------------------------------------------------
 
@@ -141,7 +239,8 @@ class AdmissionClient:
 
     # ---- transport -----------------------------------------------------------------------------
 
-    async def _call(self, method: str, *args: Any) -> Any:
+    async def _call(self, method: str, *args: Any, retry: bool = True) -> Any:
+        """`retry`: once more after the actor was found gone. Not for calls whose loss needs a recovery."""
         if self._local is not None:  # as over Ray, a caller that gives up does not cancel the call itself
             return await asyncio.shield(asyncio.ensure_future(getattr(self._local, method)(*args)))
         for attempt in (1, 2):
@@ -149,9 +248,10 @@ class AdmissionClient:
                 self._actor = await self._owner.actor_handle.remote()
             try:
                 return await getattr(self._actor, method).remote(*args)
-            except RayActorError:
-                self._actor = None  # restarted with the Admission replica: ask its deployment again
-                if attempt == 2:
+            except RayActorError as exc:
+                if not isinstance(exc, ActorUnavailableError):
+                    self._actor = None  # gone for good with its Admission replica: ask its deployment again
+                if attempt == 2 or not retry:
                     raise
         raise AssertionError("unreachable")
 
@@ -161,8 +261,19 @@ class AdmissionClient:
                 firsts, self._first_tokens = self._first_tokens, []
                 batch, self._releases = self._releases, []
                 try:
-                    await self._call("progress", firsts, batch)
-                except Exception:  # a new actor has no slots to free; nothing is lost by dropping these
+                    await self._call("progress", firsts, batch, retry=False)
+                except RayActorError:  # a new actor has no slots to free; what runs is re-announced instead
+                    self.lost()
+                except Exception:
                     logger.exception("reporting %d first tokens and %d releases failed", len(firsts), len(batch))
         finally:
             self._releasing = False
+
+
+def _recovering() -> GatewayError:
+    return GatewayError(
+        503,
+        "the gateway is recovering: its admission service restarted; retry in a moment",
+        retry_after_s=2,
+        kind=ErrorKind.ADMISSION_RECOVERING,
+    )

@@ -100,7 +100,10 @@ class LLMServer:
         if status != 200:
             raise EngineExited(f"vLLM's server answers /health with {status}")
         if not self.leaving:  # healthy: make sure Admission dispatches here (it may have restarted)
-            await self.admission.ensure_replica(self.replica_id, self.url, self.max_ongoing)
+            try:
+                await asyncio.wait_for(self.admission.ensure_replica(self.replica_id, self.url, self.max_ongoing), 10)
+            except Exception as exc:  # Admission restarting is no fault of this replica's: the next check tries again
+                logger.warning("registering with Admission failed (%s); trying again at the next check", exc)
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """What `serve_app.policy.autoscaling` scales on: requests running here, and the gateway's queue."""

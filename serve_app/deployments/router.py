@@ -24,7 +24,7 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app.config import NO_ACCESS_LOG, SINGLE_LOOP_ENV, AppArgs
 from serve_app.deployments import process_priority
-from serve_app.deployments.admission_client import AdmissionClient, Grant, Shape
+from serve_app.deployments.admission_client import AdmissionClient, Grant, Held, Shape
 from serve_app.errors import ErrorKind, GatewayError
 from serve_app.http import relay
 from serve_app.http import server as http_server
@@ -156,11 +156,12 @@ class Router:
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
             auto_decompress=False,
         )
-        self._background = [asyncio.ensure_future(self.reporter.run())]
-        if args.admission.preempt_window_s is not None:
-            self._background.append(
-                asyncio.ensure_future(self.admission.answer_preemptions(self.router_id, self._preempt))
-            )
+        self.admission.attach(self.router_id, self._running)
+        # The standing call: preemption asks, and the heartbeat that renews this Router's lease on its slots.
+        self._background = [
+            asyncio.ensure_future(self.reporter.run()),
+            asyncio.ensure_future(self.admission.answer_preemptions(self.router_id, self._preempt)),
+        ]
         self._closing = False  # past the drain timeout: what is still running is cut, not retried
 
     # ---- dispatch ------------------------------------------------------------------------------
@@ -344,6 +345,14 @@ class Router:
         return upstream
 
     # ---- replicas' failures and preemption -----------------------------------------------------
+
+    def _running(self) -> list[Held]:
+        """What this Router runs, for an Admission that restarted and lost count of it."""
+        return [
+            (f.request_id, int(f.priority), f.replica_url, f.tenant, f.shape, f.first_chunk_at is None)
+            for f in self._flights.values()
+            if f.replica_url is not None
+        ]
 
     def _preempt(self, asked: list[str]) -> None:
         """Admission's asks to give up a slot for a waiting high request. Only a stream that has not sent

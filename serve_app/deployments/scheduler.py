@@ -153,6 +153,16 @@ class Scheduler:
         finally:
             timer.cancel()
 
+    def adopt(self, replica: Replica, priority: Priority, shape: PromptShape, tenant: str, prefilling: bool) -> Slot:
+        """A slot for a request that already runs on `replica`: a Router tells a restarted Admission what it
+        runs. It is granted whatever the room, so the replica may briefly hold more than its limit."""
+        now = self._clock()
+        self._dispatched += 1
+        slot = Slot(priority, 0.0, now, self._dispatched, self.replicas.adopt(replica, priority, shape, prefilling), 0)
+        slot.tenant = tenant
+        self.active.add(slot)
+        return slot
+
     def first_token(self, slot: Slot, seconds: float) -> None:
         """The request's first token came `seconds` after its grant: its prefill no longer loads its replica."""
         if slot not in self.active or not slot.prefilling:

@@ -204,6 +204,17 @@ class ReplicaSet:
         # `routing` already left out replicas loaded out of balance: then the request spills.
         if not self._within_budget(replica, priority):
             return None
+        return self._place(replica, work, shape)
+
+    def adopt(self, replica: Replica, priority: Priority, shape: PromptShape, prefilling: bool) -> Placement:
+        """Counts a request already running on `replica` (granted before Admission restarted), whatever
+        room the replica has: it runs there already. `prefilling`: no first token yet."""
+        placement = self._place(replica, self.work(replica, priority, shape), shape)
+        if not prefilling:
+            replica.load.prefilled(placement.work)
+        return placement
+
+    def _place(self, replica: Replica, work: Work, shape: PromptShape) -> Placement:
         replica.in_flight += 1
         replica.dispatched += 1
         replica.prompt_tokens += work.prompt_tokens
