@@ -13,6 +13,7 @@ import signal
 import time
 
 import httpx
+import psutil
 import pytest
 from conftest import MODEL_ID, stats
 
@@ -20,11 +21,12 @@ pytestmark = [pytest.mark.engine, pytest.mark.destructive]
 
 
 def admission_pid() -> int:
-    from ray.util.state import list_actors
-
-    alive = list_actors(filters=[("class_name", "=", "AdmissionActor"), ("state", "=", "ALIVE")])
-    assert len(alive) == 1, alive
-    return alive[0]["pid"]
+    """The Admission actor's worker process (Ray titles an actor's process `ray::<class>`)."""
+    found = [
+        p.pid for p in psutil.process_iter(["cmdline"]) if "ray::AdmissionActor" in " ".join(p.info["cmdline"] or [])
+    ]
+    assert len(found) == 1, found
+    return found[0]
 
 
 def engine_successes(replica: str) -> float:

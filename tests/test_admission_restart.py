@@ -133,25 +133,32 @@ async def test_a_restarted_admission_rebuilds_what_runs_and_queues_again_in_orde
     assert sum(state[f"queued_{p.label}"] for p in Priority) == 0
 
 
-async def test_a_rejoin_to_a_living_admission_gives_back_grants_that_never_arrived():
-    """A call that failed without a restart: the Router's word replaces the actor's. A slot granted to a request
-    the Router does not run (the grant was lost on the way) is freed, and its queued requests leave the queue,
-    since the Router queues them again itself."""
+async def test_a_request_asked_for_again_waits_once_and_holds_one_slot():
+    """A call that failed without a restart (Admission could not be reached): the Router asks again under the
+    same id. A grant whose answer was lost is given back, and a wait left behind is dropped, so that the request
+    neither holds two slots nor waits twice; a rejoin re-announcing what already holds a slot changes nothing."""
     actor = _actor()
-    await actor.register_replica("r1", URL, 3)
+    await actor.register_replica("r1", URL, 2)
     await actor.acquire("kept", int(Priority.LOW), "router-1")
-    await actor.acquire("lost", int(Priority.LOW), "router-1")
-    await actor.acquire("other", int(Priority.LOW), "router-2")  # not this Router's: untouched
-    waiting = asyncio.ensure_future(actor.acquire("queued", int(Priority.LOW), "router-1"))
+    await actor.acquire("lost", int(Priority.LOW), "router-1")  # its answer never reached the Router
+    earlier = asyncio.ensure_future(actor.acquire("queued", int(Priority.LOW), "router-1"))
     await _until(lambda: len(actor.scheduler.queue) == 1)
 
     await actor.rejoin("router-1", [("kept", int(Priority.LOW), URL, None, None, False)])
+    assert actor.scheduler.in_flight == 2, "a request already holding a slot is not counted twice"
+    again = asyncio.ensure_future(actor.acquire("queued", int(Priority.LOW), "router-1"))
     with pytest.raises(asyncio.CancelledError):
-        await waiting
-    assert set(actor._slots) == {"kept", "other"}
-    assert actor.scheduler.in_flight == 2 and len(actor.scheduler.queue) == 0
-    await actor.rejoin("router-1", [("kept", int(Priority.LOW), URL, None, None, False)])  # idempotent
-    assert actor.scheduler.in_flight == 2
+        await earlier
+    assert len(actor.scheduler.queue) == 1, "it waits once"
+    # Asked again: the lost grant is given back first, and goes to the one waiting; "lost" waits behind it.
+    lost = asyncio.ensure_future(actor.acquire("lost", int(Priority.LOW), "router-1"))
+    assert (await again)["url"] == URL
+    await _until(lambda: len(actor.scheduler.queue) == 1)
+    assert actor.scheduler.in_flight == 2 and not lost.done()
+    await actor.progress([], [("kept", 10, None)])
+    assert (await lost)["url"] == URL
+    await actor.progress([], [("lost", 10, None), ("queued", 10, None)])
+    assert actor.scheduler.in_flight == 0 and not actor._waiting and not actor._waiting_owner
 
 
 async def test_a_router_learns_of_a_restart_from_its_standing_call_even_with_no_call_in_flight():

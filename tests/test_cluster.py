@@ -1,12 +1,15 @@
-"""A real Ray cluster of two nodes on this one machine (`ray.cluster_utils.Cluster`, as Ray tests itself): the
-Routers, Admission and metrics on the head, the LLMServer replica (vLLM with two API servers) placed on a worker
-node through a custom resource. The worker node is removed while streams run, then added back (issue 19).
+"""A real Ray cluster of two nodes on this one machine (`ray.cluster_utils.Cluster`, as Ray tests itself), run as
+a user runs it: `serve deploy` of a config to the cluster's dashboard. The Routers, Admission and metrics run on
+the head; the LLMServer replica (vLLM with two API servers) is placed on a worker node by a custom resource
+(issue 19).
 
-- the streams on it end with an OpenAI error event and `[DONE]`;
-- queued and new requests get 503 "recovering" with Retry-After, as no replica is left;
-- Admission forgets the dead replica, with no slot leaked, and the counters add up;
-- within 30 s no process of its engine is left (the node's removal is one of the ways a replica ends);
-- with the node back, a replica starts there and serves.
+1. The worker node is removed while streams run: the streams end with an OpenAI error event and `[DONE]`; queued
+   and new requests get 503 "recovering" with Retry-After, as no replica is left; Admission forgets the replica,
+   with no slot leaked; the counters add up.
+2. The node is added back: a replica starts there and serves.
+3. `serve deploy` of a new config, 4. a downscale from two replicas to one, 5. `serve shutdown`.
+
+After each of 1, 3, 4 and 5, within 30 s no process of the engines that ended is left and their ports are free.
 
 It needs its own Ray, so the scenario runs in a child process (`python tests/test_cluster.py`), which prints
 what it saw as JSON; the test asserts on that."""
@@ -49,41 +52,25 @@ def _engine_pids(replica_pid: int) -> list[int]:
         return []
 
 
-def _llm_replica() -> dict:
+def _llm_replicas() -> list[dict]:
     from ray.util.state import list_actors
 
-    alive = [
+    return [
         a
         for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True)
         if (a.get("class_name") or "").endswith("LLMServer")
     ]
-    assert len(alive) == 1, alive
-    return alive[0]
 
 
-async def _scenario() -> dict:
-    import httpx
-    import ray
-    from ray import serve
-    from ray.cluster_utils import Cluster
-
-    from serve_app.app import build_app
-
-    facts: dict = {}
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 4, "include_dashboard": False, "port": _free_port()},
-    )
-    worker = cluster.add_node(num_cpus=2, resources={"llm_node": 1})
-    ray.init(address=cluster.address, namespace="serve", log_to_driver=False)
-    port = _free_port()
+def _config(port: int, max_num_seqs: int = 8, replicas: int = 1) -> dict:
+    """The app as `serve deploy` takes it: the replicas need the worker node's custom resource."""
     args = {
         "llm": {
-            "engine_kwargs": {"max_model_len": 2048, "max_num_seqs": 8, "api_server_count": 2},
+            "engine_kwargs": {"max_model_len": 2048, "max_num_seqs": max_num_seqs, "api_server_count": 2},
             "resources": {"llm_node": 1},
             "autoscaling": {
-                "min_replicas": 1,
-                "max_replicas": 1,
+                "min_replicas": replicas,
+                "max_replicas": replicas,
                 "target_ongoing_requests": 1,
                 "max_ongoing_requests": 2,
             },
@@ -95,25 +82,94 @@ async def _scenario() -> dict:
         "replica_check_s": 0.5,
         "admission": {"reserved": {"high": 0}},
     }
+    app = {"name": "cluster", "route_prefix": "/", "import_path": "serve_app.app:build_app", "args": args}
+    return {"proxy_location": "Disabled", "applications": [app]}
+
+
+def _serve(command: str, dashboard: str, config: dict | None = None) -> None:
+    """`serve deploy CONFIG` or `serve shutdown -y`, as a user runs them against the cluster's dashboard."""
+    import tempfile
+
+    import yaml
+
+    argv = [os.path.join(os.path.dirname(sys.executable), "serve"), command, "--address", dashboard]
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as file:
+        if config is not None:
+            yaml.safe_dump(config, file)
+            file.flush()
+            argv.append(file.name)
+        else:
+            argv.append("-y")
+        subprocess.run(argv, check=True, capture_output=True, timeout=120)
+
+
+async def _engines_gone(pids: list[int], ports: list[int], since: float) -> dict:
+    """Waits up to GRACE_S + 30 s for every process of the engines to end and their ports to be free."""
+    left = pids
+    while time.monotonic() - since < GRACE_S + 30 and (left or any(_port_taken(p) for p in ports)):
+        await asyncio.sleep(1)
+        left = [pid for pid in pids if _alive(pid)]
+    return {"left": left, "ports_free": not any(_port_taken(p) for p in ports), "s": round(time.monotonic() - since, 1)}
+
+
+def _engines() -> dict[int, list[int]]:
+    """Every process of each LLMServer replica's engine, by the port of its vLLM server (`--port` in its command)."""
+    import psutil
+
+    engines = {}
+    for replica in _llm_replicas():
+        try:
+            proc = psutil.Process(replica["pid"])
+            for child in proc.children():
+                command = child.cmdline()
+                if "--port" in command:
+                    engines[int(command[command.index("--port") + 1])] = [p.pid for p in proc.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+    return engines
+
+
+async def _serving_ports(client) -> list[int]:
+    state = (await client.get("/v1/stats")).json()["router"]
+    return [int(r["replica"].rsplit(":", 1)[1]) for r in state["replica_detail"]]
+
+
+async def _scenario() -> dict:
+    import httpx
+    import ray
+    from ray.cluster_utils import Cluster
+
+    facts: dict = {}
+    dashboard_port = _free_port()
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 4,
+            "include_dashboard": True,
+            "dashboard_port": dashboard_port,
+            "port": _free_port(),
+        },
+    )
+    dashboard = f"http://127.0.0.1:{dashboard_port}"
+    worker = cluster.add_node(num_cpus=2, resources={"llm_node": 2})
+    ray.init(address=cluster.address, namespace="serve", log_to_driver=False)
+    port = _free_port()
     base = f"http://127.0.0.1:{port}"
     try:
-        serve.start(proxy_location="Disabled")
-        serve.run(build_app(args), name="cluster", route_prefix="/", blocking=False)
+        _serve("deploy", dashboard, _config(port))
         async with httpx.AsyncClient(base_url=base, timeout=httpx.Timeout(300, connect=10)) as client:
             await _until_serving(client, 900)
-            replica = _llm_replica()
+            [replica] = _llm_replicas()
             facts["replica_on_worker"] = replica["node_id"] == worker.node_id
-            engine = _engine_pids(replica["pid"])
+            [(engine_port, engine)] = _engines().items()
             facts["engine_processes"] = len(engine)
-            state = (await client.get("/v1/stats")).json()["router"]
-            engine_port = int(state["replica_detail"][0]["replica"].rsplit(":", 1)[1])
 
+            # 1. The node is removed while two streams run and two requests wait.
             started = [asyncio.Event(), asyncio.Event()]
             streams = [asyncio.ensure_future(_stream(client, 2000, event)) for event in started]
             await asyncio.wait_for(asyncio.gather(*(event.wait() for event in started)), 300)
             queued = [asyncio.ensure_future(_post(client)) for _ in range(2)]
             await _until(client, lambda s: s["queued_medium"] == 2, 60)
-
             cluster.remove_node(worker, allow_graceful=False)
             removed = time.monotonic()
             facts["streams"] = [_ending(await task) for task in streams]
@@ -121,31 +177,52 @@ async def _scenario() -> dict:
             facts["new"] = [await _post(client) for _ in range(2)]
             after = await _until(client, lambda s: s["replicas"] == 0 and s["in_flight"] == 0, 60)
             facts["after_removal"] = {k: after[k] for k in ("replicas", "in_flight", "queued_medium", "capacity")}
-            left = engine
-            while time.monotonic() - removed < GRACE_S + 30 and (left or _port_taken(engine_port)):
-                await asyncio.sleep(1)
-                left = [pid for pid in engine if _alive(pid)]
-            facts["engine_left"] = left
-            facts["engine_gone_s"] = round(time.monotonic() - removed, 1)
-            facts["engine_port_free"] = not _port_taken(engine_port)
+            facts["node_removed"] = await _engines_gone(engine, [engine_port], removed)
 
-            cluster.add_node(num_cpus=2, resources={"llm_node": 1})
+            # 2. The node comes back: a replica starts there and serves.
+            cluster.add_node(num_cpus=2, resources={"llm_node": 2})
             back = time.monotonic()
             await _until_serving(client, 900)
             facts["rejoined_s"] = round(time.monotonic() - back, 1)
             facts["after_rejoin"] = await _post(client)
-            stats = await client.get("/v1/stats")
+            stats = (await client.get("/v1/stats")).json()
             facts["priorities"] = {
                 label: {k: v for k, v in figures.items() if isinstance(v, int)}
-                for label, figures in stats.json()["priorities"].items()
+                for label, figures in stats["priorities"].items()
             }
-            facts["final"] = {k: stats.json()["router"][k] for k in ("replicas", "in_flight", "queued_medium")}
+
+            # 3. `serve deploy` of a new config: the old replica's engine ends, a new one serves.
+            [(engine_port, engine)] = _engines().items()
+            _serve("deploy", dashboard, _config(port, max_num_seqs=6))
+            redeployed = time.monotonic()
+            facts["redeploy"] = await _engines_gone(engine, [engine_port], redeployed)
+            await _until(client, lambda s: s["replicas"] == 1, 900)
+            facts["after_redeploy"] = await _post(client)
+
+            # 4. Up to two replicas, then down to one: the replica let go leaves no engine.
+            _serve("deploy", dashboard, _config(port, max_num_seqs=6, replicas=2))
+            await _until(client, lambda s: s["replicas"] == 2, 900)
+            before = _engines()
+            _serve("deploy", dashboard, _config(port, max_num_seqs=6, replicas=1))
+            downscaled = time.monotonic()
+            await _until(client, lambda s: s["replicas"] == 1 and s["replicas_draining"] == 0, 300)
+            [kept_port] = await _serving_ports(client)
+            let_go = [port_ for port_ in before if port_ != kept_port]
+            facts["downscale"] = await _engines_gone(
+                [pid for port_ in let_go for pid in before[port_]], let_go, downscaled
+            )
+            facts["after_downscale"] = await _post(client)
+            facts["final"] = {
+                k: (await client.get("/v1/stats")).json()["router"][k] for k in ("in_flight", "queued_medium")
+            }
+
+            # 5. `serve shutdown`: every engine ends, the gateway's port too.
+            _serve("shutdown", dashboard)
+            shut = time.monotonic()
+            facts["shutdown"] = await _engines_gone(before[kept_port], [kept_port, port], shut)
     finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            cluster.shutdown()
+        ray.shutdown()
+        cluster.shutdown()
     return facts
 
 
@@ -231,12 +308,14 @@ def test_a_removed_node_ends_its_streams_cleanly_leaves_no_engine_and_its_replic
         assert answer["status"] == 503 and answer["retry_after"], answer
         assert "recovering" in answer["error"]["message"], answer
     assert facts["after_removal"]["replicas"] == 0 and facts["after_removal"]["in_flight"] == 0, facts
-    assert facts["engine_left"] == [] and facts["engine_port_free"], facts
-    assert facts["engine_gone_s"] <= GRACE_S, facts
-    assert facts["after_rejoin"]["status"] == 200, facts
-    assert facts["final"] == {"replicas": 1, "in_flight": 0, "queued_medium": 0}, facts
+    for case in ("node_removed", "redeploy", "downscale", "shutdown"):  # no engine outlives its replica
+        assert facts[case]["left"] == [] and facts[case]["ports_free"], (case, facts[case])
+        assert facts[case]["s"] <= GRACE_S, (case, facts[case])
+    for case in ("after_rejoin", "after_redeploy", "after_downscale"):
+        assert facts[case]["status"] == 200, (case, facts[case])
+    assert facts["final"] == {"in_flight": 0, "queued_medium": 0}, facts
     medium = facts["priorities"]["medium"]
-    sent = len(facts["queued"]) + len(facts["new"]) + 1 + 2  # and the two streams, sent as medium
+    sent = 2 + len(facts["queued"]) + len(facts["new"]) + 1  # the streams, the waiting, the new, after the rejoin
     ended = sum(medium.get(outcome, 0) for outcome in ("completed", "rejected", "error", "cancelled"))
     assert ended == sent, medium
 

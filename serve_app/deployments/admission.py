@@ -130,6 +130,7 @@ class AdmissionActor:
                     kind=ErrorKind.RATE_LIMITED,
                 )
         prompt = PromptShape(*shape) if shape is not None else None
+        self._asked_again(request_id)
         if router_id is not None:
             self._renew(router_id)
             self._waiting_owner[request_id] = router_id
@@ -138,15 +139,17 @@ class AdmissionActor:
         try:
             slot = await task
         except asyncio.CancelledError:
-            self._released_early.discard(request_id)
+            if self._waiting.get(request_id) is task:
+                self._released_early.discard(request_id)
             raise
         except NotReady as exc:
             raise refusal_error(exc, self._not_ready_message()) from None
         except Refused as exc:
             raise refusal_error(exc) from None
         finally:
-            self._waiting.pop(request_id, None)
-            self._waiting_owner.pop(request_id, None)
+            if self._waiting.get(request_id) is task:  # not replaced by the same request asking again
+                del self._waiting[request_id]
+                self._waiting_owner.pop(request_id, None)
         if request_id in self._released_early:  # the Router gave up while the grant was on its way
             self._released_early.discard(request_id)
             self.scheduler.release(slot)
@@ -159,6 +162,17 @@ class AdmissionActor:
         if prompt is not None:
             self._prompt_chars[request_id] = prompt.chars
         return {"url": slot.replica.url, "queue_wait_s": slot.queue_wait_s}  # a Grant's fields
+
+    def _asked_again(self, request_id: str) -> None:
+        """A Router asks again for a request it asked for before, when that call failed (Admission could not
+        be reached, or restarted): whatever that call left here, a wait or a grant whose answer was lost, is
+        dropped, so that the request waits once and holds one slot."""
+        if (earlier := self._waiting.pop(request_id, None)) is not None:
+            self._waiting_owner.pop(request_id, None)
+            earlier.cancel()
+        if (slot := self._slots.pop(request_id, None)) is not None:
+            self._forget(request_id)
+            self.scheduler.release(slot)
 
     async def _slot(self, priority: Priority, front: bool, tenant: str, prompt: PromptShape | None) -> Slot:
         """Just restarted, with no replica registered again yet, a request first waits for them (in arrival
@@ -223,20 +237,11 @@ class AdmissionActor:
                 return self.incarnation, []
 
     async def rejoin(self, router_id: str, running: list[Held]) -> dict[str, int]:
-        """A Router that lost its calls to this actor (it restarted, or could not be reached) tells what it
-        runs; its word replaces what this actor holds for it. Slots it does not list are given back (their
-        grant never reached it), its queued requests leave the queue (it queues them again, in their order),
-        and each running request it lists holds a slot on its replica, counted as soon as the replica is known."""
+        """A Router that lost calls to this actor (it restarted, or could not be reached) tells what it runs:
+        each request it lists holds a slot on its replica, counted as soon as the replica is known (a
+        restarted actor learns its replicas from their health checks). Then it queues again what it had
+        queued, under the same ids (`_asked_again`), in their first order."""
         self._renew(router_id)
-        listed = {held[0] for held in running}
-        mine = [rid for rid, slot in self._slots.items() if slot.owner is not None and slot.owner[0] == router_id]
-        for request_id in mine:
-            if request_id not in listed:
-                self._forget(request_id)
-                self.scheduler.release(self._slots.pop(request_id))
-        for request_id, owner in list(self._waiting_owner.items()):
-            if owner == router_id and (task := self._waiting.get(request_id)) is not None:
-                task.cancel()
         adopted = 0
         for held in running:
             request_id, _, url, *_ = held
