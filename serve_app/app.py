@@ -10,7 +10,7 @@ from serve_app.config import AppArgs, shutdown_timeout_s
 from serve_app.deployments.admission import AdmissionDeployment
 from serve_app.deployments.llm_server import LLMDeployment
 from serve_app.deployments.metrics import MetricsDeployment
-from serve_app.deployments.router import RouterDeployment
+from serve_app.deployments.router import ROUTER_ACTOR_OPTIONS, RouterDeployment
 
 
 def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
@@ -33,5 +33,10 @@ def compose_app(args: AppArgs | dict[str, Any] | None, llm_deployment: Deploymen
     llm = llm_deployment.options(**args.llm.deployment_options(args.drain_timeout_s))
     llm = llm.bind(args.llm, admission, args.drain_timeout_s)
     metrics = MetricsDeployment.bind(args.otel_exporter)
-    router = RouterDeployment.options(num_replicas=args.router.num_replicas, **drain)
+    placed = (
+        {"ray_actor_options": {**ROUTER_ACTOR_OPTIONS, "resources": args.router.resources}}
+        if args.router.resources
+        else {}
+    )
+    router = RouterDeployment.options(num_replicas=args.router.num_replicas, **drain, **placed)
     return router.bind(admission, llm, metrics, args)

@@ -85,6 +85,10 @@ class AdmissionConfig(StrictModel):
     )
 
 
+# Admission and the metrics actor, one of each per app, live on the head node: the one node whose loss ends the
+# cluster anyway. Ray gives every head node this resource (1 unit); each actor takes a sliver of it.
+ON_HEAD_NODE = {"node:__internal_head__": 0.001}
+
 QUEUE_AWARE_POLICY = "serve_app.policy.autoscaling:queue_aware_policy"
 
 # Calls beyond generation (health, model list) that a full replica must still accept.
@@ -217,6 +221,11 @@ class HttpConfig(StrictModel):
 
 class RouterConfig(StrictModel):
     num_replicas: int = Field(1, ge=1, description="Router replicas; they share the queues through Admission")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Ray custom resources each Router needs: places Routers on the nodes that have them, e.g. one "
+        "per node that a load balancer sends to",
+    )
 
 
 class ApiKeyConfig(StrictModel):

@@ -24,7 +24,7 @@ import ray
 from ray import serve
 from ray.exceptions import RayActorError
 
-from serve_app.config import NO_ACCESS_LOG, SINGLE_LOOP_ENV, AdmissionConfig, QueueConfig
+from serve_app.config import NO_ACCESS_LOG, ON_HEAD_NODE, SINGLE_LOOP_ENV, AdmissionConfig, QueueConfig
 from serve_app.deployments import process_priority
 from serve_app.deployments.admission_client import Held, Shape
 from serve_app.deployments.health import answers_health
@@ -487,7 +487,9 @@ class AdmissionReplica:
         """`actor_args` are AdmissionActor's, passed through unchanged."""
         # Ray restarts the actor in place if its process dies (same handle); it then rebuilds its state from
         # the replicas' health checks and the Routers' `rejoin`. A call in flight then fails, never retried.
-        actor = ray.remote(num_cpus=0, max_concurrency=1_000_000, max_restarts=-1, max_task_retries=0)(AdmissionActor)
+        actor = ray.remote(
+            num_cpus=0, resources=ON_HEAD_NODE, max_concurrency=1_000_000, max_restarts=-1, max_task_retries=0
+        )(AdmissionActor)
         self.actor = actor.remote(*actor_args)
         self.drain_timeout_s = drain_timeout_s
 
@@ -512,7 +514,7 @@ AdmissionDeployment = serve.deployment(
     AdmissionReplica,
     name="Admission",
     num_replicas=1,
-    ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": SINGLE_LOOP_ENV}},
+    ray_actor_options={"num_cpus": 0, "resources": ON_HEAD_NODE, "runtime_env": {"env_vars": SINGLE_LOOP_ENV}},
     health_check_period_s=5,
     logging_config=NO_ACCESS_LOG,
 )

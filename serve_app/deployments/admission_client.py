@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError, TaskCancelledError
 
 from serve_app.errors import ErrorKind, GatewayError
 from serve_app.policy.priority import Priority
@@ -105,6 +105,13 @@ class AdmissionClient:
                 self.lost()
                 was_queued = True
                 continue
+            except TaskCancelledError:  # Admission dropped the wait: it took this Router for dead (lease)
+                raise GatewayError(
+                    503,
+                    "the gateway lost this request's place in the queue while recovering; retry",
+                    retry_after_s=1,
+                    kind=ErrorKind.ADMISSION_RECOVERING,
+                ) from None
             return Grant(**reply)
 
     async def _back_in_turn(self, order: int, was_queued: bool) -> None:

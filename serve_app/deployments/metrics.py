@@ -6,7 +6,7 @@ from typing import Any
 
 from ray import serve
 
-from serve_app.config import NO_ACCESS_LOG
+from serve_app.config import NO_ACCESS_LOG, ON_HEAD_NODE
 from serve_app.observability.otel import OtelBridge
 from serve_app.observability.stats import GatewayStats, RequestRecord
 
@@ -42,7 +42,7 @@ MetricsDeployment = serve.deployment(
     Metrics,
     name="Metrics",
     num_replicas=1,
-    ray_actor_options={"num_cpus": 0},
+    ray_actor_options={"num_cpus": 0, "resources": ON_HEAD_NODE},
     max_ongoing_requests=1000,
     logging_config=NO_ACCESS_LOG,
 )

@@ -502,10 +502,12 @@ def _tenant(key: KeyPolicy | None, body: dict[str, Any]) -> str | None:
     return f"user:{user}"[:200] if isinstance(user, str) and user else None
 
 
+ROUTER_ACTOR_OPTIONS = {"num_cpus": 0, "runtime_env": {"env_vars": SINGLE_LOOP_ENV}}
+
 RouterDeployment = serve.deployment(
     RouterReplica,
     name="Router",
-    ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": SINGLE_LOOP_ENV}},
+    ray_actor_options=ROUTER_ACTOR_OPTIONS,
     max_ongoing_requests=100_000,
     logging_config=NO_ACCESS_LOG,
 )

@@ -1,0 +1,117 @@
+"""`serve run` stopped as a user or a supervisor stops it: SIGINT (Ctrl-C) or SIGTERM to its process group. Every
+process of the engine (vLLM's server, its two API servers, its engine core) is gone within 30 s, its port and the
+gateway's port are free, and `serve run` itself has exited. On a GPU host, before the reaper, the engine outlived a
+SIGTERM and kept 58.7 GB of GPU memory (issue 19). The other ways a replica ends (`serve deploy` of a new config, a
+downscale, `serve shutdown`, its node removed) are in tests/test_cluster.py; its process killed outright, in
+tests/test_orphans.py."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import psutil
+import pytest
+import yaml
+
+pytestmark = pytest.mark.engine
+
+BOUND_S = 30
+APP = "stops"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _port_taken(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _config(port: int) -> dict:
+    args = {
+        "llm": {
+            "engine_kwargs": {"max_model_len": 2048, "max_num_seqs": 8, "api_server_count": 2},
+            "autoscaling": {
+                "min_replicas": 1,
+                "max_replicas": 1,
+                "target_ongoing_requests": 1,
+                "max_ongoing_requests": 4,
+            },
+        },
+        "http": {"host": "127.0.0.1", "port": port},
+        "router": {"num_replicas": 1},
+    }
+    app = {"name": APP, "route_prefix": "/", "import_path": "serve_app.app:build_app", "args": args}
+    return {"proxy_location": "Disabled", "applications": [app]}
+
+
+def _engine() -> tuple[list[psutil.Process], int]:
+    """Every process the app's LLMServer replica started, and its vLLM server's port."""
+    [replica] = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if f"ServeReplica:{APP}:LLMServer" in " ".join(p.info["cmdline"] or [])
+    ]
+    [server] = [c for c in replica.children() if "--port" in c.cmdline()]
+    command = server.cmdline()
+    return replica.children(recursive=True), int(command[command.index("--port") + 1])
+
+
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_serve_run_stopped_by_a_signal_to_its_group_leaves_no_engine(how, tmp_path):
+    port = _free_port()
+    config = tmp_path / "stops.yaml"
+    config.write_text(yaml.safe_dump(_config(port)))
+    serve = os.path.join(os.path.dirname(sys.executable), "serve")
+    log = open(tmp_path / "serve-run.log", "w")
+    run = subprocess.Popen(
+        [serve, "run", "--address", "local", str(config)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group, as a terminal or a supervisor gives it
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
+    try:
+        deadline = time.monotonic() + 900
+        while True:
+            assert run.poll() is None, (tmp_path / "serve-run.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "not serving"
+            time.sleep(2)
+        answer = httpx.post(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            json={"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+            timeout=120,
+        )
+        assert answer.status_code == 200, answer.text
+        engine, engine_port = _engine()
+        assert len(engine) >= 3, [p.cmdline()[:3] for p in engine]  # the server, two API servers, the engine core
+
+        os.killpg(run.pid, how)
+        stopped = time.monotonic()
+        _, alive = psutil.wait_procs(engine, timeout=BOUND_S)
+        left = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert not left, f"left running {BOUND_S} s after {how.name}: {[(p.pid, p.cmdline()[:4]) for p in left]}"
+        assert not _port_taken(engine_port) and not _port_taken(port), "the engine's port and the gateway's are free"
+        run.wait(timeout=max(1, BOUND_S + 30 - (time.monotonic() - stopped)))
+        print(f"\n{how.name}: engine gone {time.monotonic() - stopped:.1f} s after; serve run exited {run.returncode}")
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+        log.close()
