@@ -135,12 +135,12 @@ async def _serving_ports(client) -> list[int]:
     return [int(r["replica"].rsplit(":", 1)[1]) for r in state["replica_detail"]]
 
 
-async def _scenario() -> dict:
+async def _scenario(facts: dict) -> None:
+    """Fills `facts` as it goes, so that a failure still shows what was seen up to it."""
     import httpx
     import ray
     from ray.cluster_utils import Cluster
 
-    facts: dict = {}
     dashboard_port = _free_port()
     cluster = Cluster(
         initialize_head=True,
@@ -213,9 +213,8 @@ async def _scenario() -> dict:
                 [pid for port_ in let_go for pid in before[port_]], let_go, downscaled
             )
             facts["after_downscale"] = await _post(client)
-            facts["final"] = {
-                k: (await client.get("/v1/stats")).json()["router"][k] for k in ("in_flight", "queued_medium")
-            }
+            final = await _until(client, lambda s: s["in_flight"] == 0, 60)
+            facts["final"] = {k: final.get(k) for k in ("in_flight", "queued_medium")}
 
             # 5. `serve shutdown`: every engine ends, the gateway's port too.
             _serve("shutdown", dashboard)
@@ -224,7 +223,6 @@ async def _scenario() -> dict:
     finally:
         ray.shutdown()
         cluster.shutdown()
-    return facts
 
 
 def _alive(pid: int) -> bool:
@@ -328,4 +326,8 @@ def test_a_removed_node_ends_its_streams_cleanly_leaves_no_engine_and_its_replic
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    print("FACTS " + json.dumps(asyncio.run(_scenario())), flush=True)
+    seen: dict = {}
+    try:
+        asyncio.run(_scenario(seen))
+    finally:
+        print("FACTS " + json.dumps(seen), flush=True)
