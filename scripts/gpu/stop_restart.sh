@@ -3,7 +3,7 @@
 # For each stop method in STOPS (term: SIGTERM to `serve run`'s process group, as a supervisor does; int: SIGINT to
 # it, as Ctrl-C does; shutdown: `serve shutdown -y`, then `serve run` ended with SIGINT), in turn:
 #   start the gateway with CONFIG (two vLLM API servers), wait until it serves, run STREAMS streams,
-#   stop it that way while they run, then every second for up to 60 s: GPU compute processes, port 8000, and
+#   stop it that way while they run, then every second for up to 120 s: GPU compute processes, port 8000, and
 #   every process whose command line names vLLM. Then the next start, on the freed GPU.
 # summary.txt: per stop, seconds until the GPU had no compute process, the port was free and no vLLM process
 # was left, and whether the next start served (FINAL=0: no start after the last stop). Usage: STOPS="term shutdown" bash scripts/gpu/stop_restart.sh
@@ -45,15 +45,17 @@ stop() {  # method
                 > "/tmp/shutdown.log" 2>&1 ;;
   esac
   local t0=$SECONDS gpu="" port="" procs=""
-  while [ $((SECONDS - t0)) -lt 60 ]; do
+  while [ $((SECONDS - t0)) -lt 120 ]; do
     [ -z "$gpu" ] && [ -z "$(gpu_apps)" ] && gpu=$((SECONDS - t0))
     [ -z "$port" ] && ! port_busy && port=$((SECONDS - t0))
     [ -z "$procs" ] && [ -z "$(vllm_procs)" ] && procs=$((SECONDS - t0))
     [ -n "$gpu" ] && [ -n "$port" ] && [ -n "$procs" ] && break
     sleep 1
   done
-  say "stop $1: GPU free after ${gpu:-more than 60} s, port free after ${port:-more than 60} s," \
-      "no vLLM process after ${procs:-more than 60} s; streams ended: $(sort /tmp/streams_$1 | uniq -c | tr '\n' ' ')"
+  say "stop $1: GPU free after ${gpu:-more than 120} s, port free after ${port:-more than 120} s," \
+      "no vLLM process after ${procs:-more than 120} s; streams ended: $(sort /tmp/streams_$1 | uniq -c | tr '\n' ' ')"
+  mkdir -p "$OUT/logs_$1" && cp /tmp/ray/session_latest/logs/serve/*LLMServer* /tmp/ray/session_latest/logs/serve/*Router* \
+    "$OUT/logs_$1/" 2>/dev/null
   [ -z "$gpu" ] && say "  still on the GPU: $(gpu_apps | tr '\n' ';')"
   [ -z "$procs" ] && { say "  left running:"; vllm_procs | tee -a "$OUT/summary.txt"; }
   if [ "$1" = shutdown ]; then kill -INT -- "-$pgid"; sleep 10; fi
@@ -70,7 +72,7 @@ for how in $STOPS; do
   streams "$how"; sleep 5
   stop "$how"
 done
-[ "${FINAL:-1}" = 1 ] || exit 0
+[ "${FINAL:-1}" = 1 ] || { cp /tmp/gateway_*.log "$OUT/" 2>/dev/null; exit 0; }
 n=$((n + 1))
 start "$n" && curl -s -m 60 127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \
   -d '{"model":"qwen3-0.6b","messages":[{"role":"user","content":"hi"}],"max_tokens":8}' -o /dev/null -w "start $n: a request got %{http_code}\n" \

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -139,6 +140,13 @@ class AdmissionClient:
         `tokens` and `prompt_tokens`: the answer's usage, when known."""
         self._releases.append((request_id, tokens, prompt_tokens))
         self._send_soon()
+
+    async def flush(self, timeout_s: float) -> None:
+        """Waits (up to `timeout_s`) until the releases and first tokens reported so far have reached Admission:
+        a Router that stops sends its last ones before it goes."""
+        deadline = time.monotonic() + timeout_s
+        while (self._releasing or self._releases) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
 
     def _send_soon(self) -> None:
         if not self._releasing:

@@ -39,6 +39,7 @@ from serve_app.engine.model_files import resolve_model_source
 logger = logging.getLogger("ray.serve")
 
 STOP_TIMEOUT_S = 20
+ENGINE_IDLE_S = 3.0  # draining: the engine idle this long outweighs slots Admission still counts (lost releases)
 
 
 class EngineExited(RuntimeError):
@@ -127,6 +128,7 @@ class LLMServer:
     async def _drain(self) -> None:
         deadline = time.monotonic() + self.drain_timeout_s
         running = 1
+        self._engine_idle_since: float | None = None
         while running and time.monotonic() < deadline:
             try:
                 running = await asyncio.wait_for(self._running(), timeout=15)
@@ -155,9 +157,20 @@ class LLMServer:
         except Exception:  # Admission is gone too: the engine's own count still tells
             pass
         try:
-            return max(granted, await self.num_unfinished())
+            unfinished = await self.num_unfinished()
         except (aiohttp.ClientError, asyncio.TimeoutError):
             return 0
+        # A grant reaches the engine within milliseconds. Slots Admission still counts while the engine has run
+        # nothing for ENGINE_IDLE_S are releases that never came (their Router stopped or died first), which
+        # would hold the engine, and its GPU, for the whole drain timeout.
+        now = time.monotonic()
+        if unfinished:
+            self._engine_idle_since = None
+        elif self._engine_idle_since is None:
+            self._engine_idle_since = now
+        if granted and self._engine_idle_since is not None and now - self._engine_idle_since >= ENGINE_IDLE_S:
+            return 0
+        return max(granted, unfinished)
 
     def _stop(self) -> None:
         """SIGTERM lets vLLM's server stop its engine; its process group (engine core included) is killed

@@ -387,6 +387,7 @@ class Router:
             await asyncio.sleep(0.05)
         for task in self._background:
             task.cancel()
+        await self.admission.flush(timeout_s=5)  # the last releases: else their replicas drain for nothing
         await self.reporter.flush()  # the last requests' records
         await self.session.close()
         if self.tracer is not None:
