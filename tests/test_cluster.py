@@ -101,7 +101,8 @@ def _serve(command: str, dashboard: str, config: dict | None = None) -> None:
             argv.append(file.name)
         else:
             argv.append("-y")
-        subprocess.run(argv, check=True, capture_output=True, timeout=120)
+        done = subprocess.run(argv, check=True, capture_output=True, text=True, timeout=120)
+        assert " ERR " not in done.stdout + done.stderr, done.stdout + done.stderr  # it fails with exit code 0
 
 
 async def _engines_gone(pids: list[int], ports: list[int], since: float) -> dict:

@@ -129,7 +129,16 @@ def test_serve_run_stopped_with_streams_running_leaves_no_engine(how, tmp_path):
         time.sleep(3)
 
         if how == "serve shutdown":  # against the dashboard of the cluster that `serve run` started
-            subprocess.run([serve, "shutdown", "-y", "--address", "http://127.0.0.1:8265"], check=True, timeout=120)
+            # Ray 2.60 starts a local cluster with token authentication on; the CLI sends the token (from
+            # ~/.ray/auth_token) only with RAY_AUTH_MODE=token, and without it fails with exit code 0.
+            shutdown = subprocess.run(
+                [serve, "shutdown", "-y", "--address", "http://127.0.0.1:8265"],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env={**os.environ, "RAY_AUTH_MODE": "token"},
+            )
+            assert "Sent shutdown request" in shutdown.stdout + shutdown.stderr, shutdown.stdout + shutdown.stderr
         else:
             os.killpg(run.pid, getattr(signal, how))
         stopped = time.monotonic()

@@ -41,8 +41,9 @@ stop() {  # method
   case $1 in
     term) kill -TERM -- "-$pgid" ;;
     int) kill -INT -- "-$pgid" ;;
-    shutdown) python3 -c "import sys; from ray.serve.scripts import cli; sys.argv=['serve','shutdown','-y']; cli()" \
-                > "/tmp/shutdown.log" 2>&1 ;;
+    shutdown) RAY_AUTH_MODE=token python3 -c "import sys; from ray.serve.scripts import cli; sys.argv=['serve','shutdown','-y']; cli()" \
+                > "/tmp/shutdown.log" 2>&1  # the token of Ray 2.60's local cluster is sent only in that mode
+              say "  serve shutdown said: $(grep -E 'SUCC|ERR' /tmp/shutdown.log | cut -c1-160)" ;;
   esac
   local t0=$SECONDS gpu="" port="" procs=""
   while [ $((SECONDS - t0)) -lt 120 ]; do

@@ -177,6 +177,7 @@ class AdmissionClient:
 
     def lost(self) -> None:
         """A call found the actor gone, or a new one in its place: recover, once however many calls saw it."""
+        self._incarnation = None  # the next standing call learns the new one, without a second recovery
         if self._recovery is None and self.router_id is not None:
             self.recoveries += 1
             logger.warning("Admission did not answer (restarting?): recovering; new requests get 503 meanwhile")
