@@ -281,6 +281,8 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                 if (state["in_flight"] == 0 and queued == 0) or time.monotonic() - settled > 120:
                     break
                 await asyncio.sleep(1)
+            await asyncio.sleep(3)  # vLLM's own count, as of a replica check after the last request ended
+            state = (await gateway.stats(client))["router"]
             engine_running = [r.get("engine_running") for r in state.get("replica_detail", [])]
         report.update(
             sent=load.sent,
