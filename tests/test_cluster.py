@@ -44,15 +44,6 @@ def _port_taken(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _engine_pids(replica_pid: int) -> list[int]:
-    import psutil
-
-    try:
-        return [p.pid for p in psutil.Process(replica_pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
 def _llm_replicas() -> list[dict]:
     from ray.util.state import list_actors
 
