@@ -31,11 +31,8 @@ def compose_app(args: AppArgs | dict[str, Any] | None, llm_deployment: Deploymen
         args.drain_timeout_s, args.queue, args.admission, args.replica_check_s, args.auth.rate_limits()
     )
     llm = llm_deployment.options(**args.llm.deployment_options(args.drain_timeout_s))
-    # The replicas' own arguments leave out the scaling bounds: a change of those alone is then a lightweight
-    # update (replicas started or stopped), not a redeploy of every engine and Router.
-    llm = llm.bind(args.llm.for_replicas(), admission, args.drain_timeout_s)
+    llm = llm.bind(args.llm, admission, args.drain_timeout_s)
     metrics = MetricsDeployment.bind(args.otel_exporter)
-    args = args.model_copy(update={"llm": args.llm.for_replicas()})
     placed = (
         {"ray_actor_options": {**ROUTER_ACTOR_OPTIONS, "resources": args.router.resources}}
         if args.router.resources

@@ -185,13 +185,6 @@ class LLMConfig(StrictModel):
             raise ValueError("a fraction of a GPU (num_gpus < 1) needs tensor_parallel_size 1")
         return self
 
-    def for_replicas(self) -> LLMConfig:
-        """What a replica's constructor gets: the scaling bounds left out (only `max_ongoing_requests` is read
-        there), so that `serve deploy` of new bounds is a lightweight update that starts or stops replicas,
-        rather than a redeploy that restarts every engine."""
-        kept = AutoscalingConfig.model_construct(max_ongoing_requests=self.autoscaling.max_ongoing_requests)
-        return self.model_copy(update={"autoscaling": kept})
-
     def deployment_options(self, drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S) -> dict[str, Any]:
         """One GPU per replica; with tensor parallelism, `tensor_parallel_size` GPUs of one node, which
         vLLM's server (a child process of the replica) drives with its own multiprocessing workers."""

@@ -7,9 +7,10 @@ the head; the LLMServer replica (vLLM with two API servers) is placed on a worke
    and new requests get 503 "recovering" with Retry-After, as no replica is left; Admission forgets the replica,
    with no slot leaked; the counters add up.
 2. The node is added back: a replica starts there and serves.
-3. `serve deploy` of a new config, 4. a downscale from two replicas to one, 5. `serve shutdown`.
+3. `serve deploy` of a new config, 4. from two replicas to one (in Ray Serve a change of `args` is a rolling
+redeploy), 5. `serve shutdown`.
 
-After each of 1, 3, 4 and 5, within 30 s no process of the engines that ended is left and their ports are free.
+After each of 1, 3, 4 and 5, no engine outlives its replica by more than 30 s, and their ports are free.
 
 It needs its own Ray, so the scenario runs in a child process (`python tests/test_cluster.py`), which prints
 what it saw as JSON; the test asserts on that."""
@@ -96,17 +97,33 @@ def _serve(command: str, dashboard: str, config: dict | None = None) -> None:
         assert " ERR " not in done.stdout + done.stderr, done.stdout + done.stderr  # it fails with exit code 0
 
 
-async def _engines_gone(pids: list[int], ports: list[int], since: float) -> dict:
-    """Waits up to GRACE_S + 30 s for every process of the engines to end and their ports to be free."""
-    left = pids
-    while time.monotonic() - since < GRACE_S + 30 and (left or any(_port_taken(p) for p in ports)):
-        await asyncio.sleep(1)
-        left = [pid for pid in pids if _alive(pid)]
-    return {"left": left, "ports_free": not any(_port_taken(p) for p in ports), "s": round(time.monotonic() - since, 1)}
+async def _ends(groups: dict[int, tuple[int, list[int]]], timeout_s: float = 600) -> dict:
+    """Watches engines that are to end (by port: their replica's pid, their processes) until every process of them
+    has ended and their ports are free. `s`: the longest an engine outlived its replica (from the moment its
+    replica's process was seen gone, or the watch began if it already was), which must stay within GRACE_S."""
+    began = time.monotonic()
+    replica_end: dict[int, float] = {}
+    engine_end: dict[int, float] = {}
+    while len(engine_end) < len(groups) and time.monotonic() - began < timeout_s:
+        now = time.monotonic()
+        for port_, (replica, pids) in groups.items():
+            if port_ not in replica_end and not _alive(replica):
+                replica_end[port_] = now
+            if port_ not in engine_end and not any(_alive(pid) for pid in pids) and not _port_taken(port_):
+                engine_end[port_] = now
+        await asyncio.sleep(0.5)
+    left = [pid for _, pids in groups.values() for pid in pids if _alive(pid)]
+    outlived = [engine_end.get(p, time.monotonic()) - replica_end.get(p, began) for p in groups]
+    return {
+        "left": left,
+        "ports_free": not any(_port_taken(p) for p in groups),
+        "s": round(max(outlived, default=0.0), 1),
+    }
 
 
-def _engines() -> dict[int, list[int]]:
-    """Every process of each LLMServer replica's engine, by the port of its vLLM server (`--port` in its command)."""
+def _engines() -> dict[int, tuple[int, list[int]]]:
+    """Each LLMServer replica's engine, by the port of its vLLM server (`--port` in its command): the replica's
+    pid and every process it started."""
     import psutil
 
     engines = {}
@@ -116,15 +133,29 @@ def _engines() -> dict[int, list[int]]:
             for child in proc.children():
                 command = child.cmdline()
                 if "--port" in command:
-                    engines[int(command[command.index("--port") + 1])] = [p.pid for p in proc.children(recursive=True)]
+                    port_ = int(command[command.index("--port") + 1])
+                    engines[port_] = (proc.pid, [p.pid for p in proc.children(recursive=True)])
         except psutil.NoSuchProcess:
             continue
     return engines
 
 
-async def _serving_ports(client) -> list[int]:
-    state = (await client.get("/v1/stats")).json()["router"]
-    return [int(r["replica"].rsplit(":", 1)[1]) for r in state["replica_detail"]]
+async def _settled(replicas: int, timeout_s: float = 900) -> None:
+    """Until Ray Serve's rollout is over: the app running, with exactly `replicas` LLMServer replicas, all RUNNING.
+    A change of `args` is a rolling redeploy of every deployment in Ray Serve, not only a change of counts."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            app = serve.status().applications["cluster"]
+            states = app.deployments["LLMServer"].replica_states
+            if str(app.status).endswith("RUNNING") and dict(states) == {"RUNNING": replicas}:
+                return
+        except KeyError:
+            pass
+        await asyncio.sleep(1)
+    raise AssertionError(f"not settled at {replicas} replicas")
 
 
 async def _scenario(facts: dict) -> None:
@@ -154,7 +185,8 @@ async def _scenario(facts: dict) -> None:
             await _until_serving(client, 900)
             [replica] = _llm_replicas()
             facts["replica_on_worker"] = replica["node_id"] == worker.node_id
-            [(engine_port, engine)] = _engines().items()
+            engines = _engines()
+            [(_, engine)] = engines.values()
             facts["engine_processes"] = len(engine)
 
             # 1. The node is removed while two streams run and two requests wait.
@@ -164,13 +196,13 @@ async def _scenario(facts: dict) -> None:
             queued = [asyncio.ensure_future(_post(client)) for _ in range(2)]
             await _until(client, lambda s: s["queued_medium"] == 2, 60)
             cluster.remove_node(worker, allow_graceful=False)
-            removed = time.monotonic()
+            watching = asyncio.ensure_future(_ends(engines))
             facts["streams"] = [_ending(await task) for task in streams]
             facts["queued"] = [await task for task in queued]
             facts["new"] = [await _post(client) for _ in range(2)]
             after = await _until(client, lambda s: s["replicas"] == 0 and s["in_flight"] == 0, 60)
             facts["after_removal"] = {k: after[k] for k in ("replicas", "in_flight", "queued_medium", "capacity")}
-            facts["node_removed"] = await _engines_gone(engine, [engine_port], removed)
+            facts["node_removed"] = await watching
 
             # 2. The node comes back: a replica starts there and serves.
             cluster.add_node(num_cpus=2, resources={"llm_node": 2})
@@ -185,33 +217,37 @@ async def _scenario(facts: dict) -> None:
             }
 
             # 3. `serve deploy` of a new config: the old replica's engine ends, a new one serves.
-            [(engine_port, engine)] = _engines().items()
+            engines = _engines()
             _serve("deploy", dashboard, _config(port, max_num_seqs=6))
-            redeployed = time.monotonic()
-            facts["redeploy"] = await _engines_gone(engine, [engine_port], redeployed)
-            await _until(client, lambda s: s["replicas"] == 1, 900)
+            facts["redeploy"] = await _ends(engines)
+            await _settled(1)
+            await _until(client, lambda s: s["replicas"] == 1, 300)
             facts["after_redeploy"] = await _post(client)
 
-            # 4. Up to two replicas, then down to one: the replica let go leaves no engine.
+            # 4. Two replicas, then one: every engine let go ends with its replica.
             _serve("deploy", dashboard, _config(port, max_num_seqs=6, replicas=2))
-            await _until(client, lambda s: s["replicas"] == 2, 900)
+            await _settled(2)
             before = _engines()
             _serve("deploy", dashboard, _config(port, max_num_seqs=6, replicas=1))
-            downscaled = time.monotonic()
+            await _settled(1)
+            kept = _engines()
+            let_go = {p: group for p, group in before.items() if p not in kept}
+            facts["let_go"] = len(let_go)
+            facts["downscale"] = await _ends(let_go)
             await _until(client, lambda s: s["replicas"] == 1 and s["replicas_draining"] == 0, 300)
-            [kept_port] = await _serving_ports(client)
-            let_go = [port_ for port_ in before if port_ != kept_port]
-            facts["downscale"] = await _engines_gone(
-                [pid for port_ in let_go for pid in before[port_]], let_go, downscaled
-            )
             facts["after_downscale"] = await _post(client)
             final = await _until(client, lambda s: s["in_flight"] == 0, 60)
             facts["final"] = {k: final.get(k) for k in ("in_flight", "queued_medium")}
 
             # 5. `serve shutdown`: every engine ends, the gateway's port too.
+            kept = _engines()
             _serve("shutdown", dashboard)
-            shut = time.monotonic()
-            facts["shutdown"] = await _engines_gone(before[kept_port], [kept_port, port], shut)
+            facts["shutdown"] = await _ends(kept)
+            for _ in range(60):
+                if not _port_taken(port):
+                    break
+                await asyncio.sleep(1)
+            facts["gateway_port_free"] = not _port_taken(port)
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -310,6 +346,8 @@ def test_a_removed_node_ends_its_streams_cleanly_leaves_no_engine_and_its_replic
     for case in ("after_rejoin", "after_redeploy", "after_downscale"):
         assert facts[case]["status"] == 200, (case, facts[case])
     assert facts["final"] == {"in_flight": 0, "queued_medium": 0}, facts
+    assert facts["gateway_port_free"], facts
+    assert facts["let_go"] >= 1, "from two replicas to one, at least one engine ends"
     medium = facts["priorities"]["medium"]
     sent = 2 + len(facts["queued"]) + len(facts["new"]) + 1  # the streams, the waiting, the new, after the rejoin
     ended = sum(medium.get(outcome, 0) for outcome in ("completed", "rejected", "error", "cancelled"))

@@ -108,21 +108,3 @@ def test_false_for_an_on_switch_without_a_negative_form_leaves_it_out():
     assert to_cli({"disable_log_stats": False, "enable_prefix_caching": False}, known) == ["--no-enable-prefix-caching"]
     args = parse_serve_args("m", "m", {"disable_log_stats": False, "enable_prefix_caching": False})
     assert args.disable_log_stats is False and args.enable_prefix_caching is False
-
-
-def test_new_scaling_bounds_leave_the_replicas_arguments_as_they_were():
-    """Ray Serve redeploys a deployment whose constructor arguments change; a change of bounds alone must not
-    (tests/test_cluster.py downscales that way), while a change of engine options must."""
-    import cloudpickle
-
-    def replica_args(autoscaling: dict, engine: dict | None = None) -> bytes:
-        config = AppArgs.model_validate({"llm": {"autoscaling": autoscaling, "engine_kwargs": engine or {}}}).llm
-        return cloudpickle.dumps(config.for_replicas())
-
-    one = replica_args({"min_replicas": 1, "max_replicas": 1})
-    two = replica_args({"min_replicas": 2, "max_replicas": 4, "target_ongoing_requests": 3, "downscale_delay_s": 5})
-    assert one == two
-    assert replica_args({"min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 9}) != one
-    assert replica_args({"min_replicas": 1, "max_replicas": 1}, {"max_num_seqs": 6}) != one
-    kept = AppArgs.model_validate({"llm": {"autoscaling": {"max_replicas": 3}}}).llm
-    assert kept.deployment_options()["autoscaling_config"]["max_replicas"] == 3, "Ray still gets the bounds"
