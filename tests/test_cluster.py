@@ -45,14 +45,15 @@ def _port_taken(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
+CLUSTER: dict[str, str] = {}  # this scenario's cluster: the suite's own Ray runs beside it on this machine
+
+
 def _llm_replicas() -> list[dict]:
     from ray.util.state import list_actors
 
-    return [
-        a
-        for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True)
-        if (a.get("class_name") or "").endswith("LLMServer")
-    ]
+    # The cluster's address, always: left to find one, the state API takes the newest Ray on the machine.
+    alive = list_actors(address=CLUSTER["address"], filters=[("state", "=", "ALIVE")], detail=True)
+    return [a for a in alive if (a.get("class_name") or "").endswith("LLMServer")]
 
 
 def _config(port: int, max_num_seqs: int = 8, replicas: int = 1) -> dict:
@@ -175,6 +176,7 @@ async def _scenario(facts: dict) -> None:
         },
     )
     dashboard = f"http://127.0.0.1:{dashboard_port}"
+    CLUSTER["address"] = cluster.address
     worker = cluster.add_node(num_cpus=2, resources={"llm_node": 2})
     ray.init(address=cluster.address, namespace="serve", log_to_driver=False)
     port = _free_port()
