@@ -21,9 +21,12 @@ pytestmark = [pytest.mark.engine, pytest.mark.destructive]
 
 
 def admission_pid() -> int:
-    """The Admission actor's worker process (Ray titles an actor's process `ray::<class>`)."""
+    """The suite's Admission actor's worker process (Ray titles an actor's process `ray::<class>`), told from
+    those of other Ray clusters on the machine by its raylet: that of the app 'gateway's Admission replica."""
+    procs = list(psutil.process_iter(["cmdline", "ppid"]))
+    [raylet] = {p.info["ppid"] for p in procs if "ServeReplica:gateway:Admission" in " ".join(p.info["cmdline"] or [])}
     found = [
-        p.pid for p in psutil.process_iter(["cmdline"]) if "ray::AdmissionActor" in " ".join(p.info["cmdline"] or [])
+        p.pid for p in procs if "ray::AdmissionActor" in " ".join(p.info["cmdline"] or []) and p.info["ppid"] == raylet
     ]
     assert len(found) == 1, found
     return found[0]
