@@ -38,7 +38,7 @@ from serve_app.engine.model_files import resolve_model_source
 
 logger = logging.getLogger("ray.serve")
 
-STOP_TIMEOUT_S = 20
+STOP_TIMEOUT_S = 10  # vLLM stops in a few seconds; past this its group is killed, so a stop frees the GPU soon
 ENGINE_IDLE_S = 3.0  # draining: the engine idle this long outweighs slots Admission still counts (lost releases)
 
 
