@@ -18,20 +18,13 @@ import httpx
 import psutil
 import pytest
 import yaml
+from conftest import free_port
 
 pytestmark = pytest.mark.engine
 
 BOUND_S = 30
 APP = "stops"
 MODEL = "smollm2-135m-instruct"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _port_taken(port: int) -> bool:
@@ -94,7 +87,7 @@ def _streams(port: int, n: int) -> list[threading.Thread]:
 
 @pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "serve shutdown"])
 def test_serve_run_stopped_with_streams_running_leaves_no_engine(how, tmp_path):
-    port = _free_port()
+    port = free_port()
     config = tmp_path / "stops.yaml"
     config.write_text(yaml.safe_dump(_config(port)))
     serve = os.path.join(os.path.dirname(sys.executable), "serve")
