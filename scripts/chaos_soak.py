@@ -74,11 +74,13 @@ def app_config(port: int) -> dict[str, Any]:
     }
 
 
-def processes(marker: str) -> list[psutil.Process]:
+def processes(marker: str, raylets: set[int] | None = None) -> list[psutil.Process]:
+    """Processes whose command line has `marker`; with `raylets`, only the workers of those raylets (another Ray
+    on the machine, such as the test suite's, has an AdmissionActor too)."""
     found = []
-    for proc in psutil.process_iter(["cmdline"]):
+    for proc in psutil.process_iter(["cmdline", "ppid"]):
         try:
-            if marker in " ".join(proc.info["cmdline"] or []):
+            if marker in " ".join(proc.info["cmdline"] or []) and (raylets is None or proc.info["ppid"] in raylets):
                 found.append(proc)
         except psutil.Error:
             continue
@@ -207,7 +209,7 @@ class Gateway:
             return "worker node"
         victims = {
             "router": lambda: processes(f"ServeReplica:{APP}:Router"),
-            "admission": lambda: processes("ray::AdmissionActor"),
+            "admission": lambda: processes("ray::AdmissionActor", self.raylets()),
             "replica": lambda: processes(f"ServeReplica:{APP}:LLMServer"),
             "engine": engine_cores,
         }[fault]()
@@ -217,13 +219,23 @@ class Gateway:
         victim.send_signal(signal.SIGKILL)
         return f"pid {victim.pid}"
 
-    def back(self, fault: str, state: dict[str, Any]) -> bool:
-        """The part killed is back (besides the gateway answering)."""
+    def raylets(self) -> set[int]:
+        """The pids of this cluster's raylets: its workers' parent."""
+        return {
+            info.process.pid
+            for node in self.cluster.list_all_nodes()
+            for info in node.all_processes.get("raylet", [])
+            if info.process is not None
+        }
+
+    def back(self, fault: str, state: dict[str, Any], before: dict[str, Any]) -> bool:
+        """The part killed is back (besides the gateway answering); `before` is the state before the kill."""
         router = state.get("router", {})
         if fault == "router":
             return len(processes(f"ServeReplica:{APP}:Router")) == 2
-        if fault == "admission":
-            return router.get("restarted") is True and router.get("replicas") == 1
+        if fault == "admission":  # a new Admission (restarted in place, or replaced) is in charge
+            was = before.get("router", {}).get("incarnation")
+            return router.get("incarnation") not in (None, was) and router.get("replicas") == 1
         return router.get("replicas") == 1 and bool(engine_cores())
 
     def close(self) -> None:
@@ -255,6 +267,10 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             while time.monotonic() < until - args.gap_s:
                 await asyncio.sleep(args.gap_s * rng.uniform(0.5, 1.5))
                 fault = kinds.pop(0) if kinds else rng.choice(args.faults)  # each kind once, then at random
+                try:
+                    before = await gateway.stats(client)
+                except (httpx.HTTPError, ValueError):
+                    before = {}
                 killed_at = time.monotonic()
                 what = gateway.inject(fault)
                 recovered_s = None
@@ -264,7 +280,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                         state = await gateway.stats(client)
                     except (httpx.HTTPError, ValueError):
                         continue
-                    if gateway.back(fault, state) and await healthy(client):
+                    if gateway.back(fault, state, before) and await healthy(client):
                         recovered_s = round(time.monotonic() - killed_at, 1)
                         break
                 entry = {"fault": fault, "killed": what, "at_s": round(killed_at - (until - args.minutes * 60), 1)}

@@ -47,6 +47,9 @@ logger = logging.getLogger("ray.serve")
 # After a restart, how long a request waits for the replicas to register again (each does at its health check,
 # every 2 s) before it gets 503 "recovering".
 RECOVERY_GRACE_S = 10.0
+# How long the Admission replica's health check waits for Ray to restart its actor in place before it fails (and
+# Ray Serve replaces replica and actor, losing what the restarted actor would have rebuilt).
+ACTOR_RESTART_GRACE_S = 25.0
 
 
 def build_scheduler(queue: QueueConfig, config: AdmissionConfig) -> Scheduler:
@@ -431,6 +434,7 @@ class AdmissionActor:
             "routers_leased": len(self.leases),
             **{f"reclaimed_{what}": count for what, count in self.reclaimed.items()},
             "restarted": self.restarted,
+            "incarnation": self.incarnation,
             **{f"rejoined_{what}": count for what, count in self.rejoined.items()},
             "unplaced_running": len(self._unplaced),
             "replica_detail": [
@@ -507,7 +511,17 @@ class AdmissionReplica:
         return self.actor
 
     async def check_health(self) -> None:
-        await self.actor.state.remote()
+        """Passes while Ray restarts the actor in place (a call fails at its death, then waits for the new
+        process): three failed checks would make Ray Serve replace the replica, and the actor with it."""
+        deadline = time.monotonic() + ACTOR_RESTART_GRACE_S
+        while True:
+            try:
+                await self.actor.state.remote()
+                return
+            except RayActorError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
 
 
 AdmissionDeployment = serve.deployment(
@@ -516,5 +530,6 @@ AdmissionDeployment = serve.deployment(
     num_replicas=1,
     ray_actor_options={"num_cpus": 0, "resources": ON_HEAD_NODE, "runtime_env": {"env_vars": SINGLE_LOOP_ENV}},
     health_check_period_s=5,
+    health_check_timeout_s=ACTOR_RESTART_GRACE_S + 5,
     logging_config=NO_ACCESS_LOG,
 )
