@@ -104,6 +104,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def port_taken(port: int, host: str = "127.0.0.1") -> bool:
+    """Something listens on the port (a server that should have gone, when asserted false)."""
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex((host, port)) == 0
+
+
 def wait_for_server(url: str, proc: subprocess.Popen, timeout_s: float, path: str = "/health") -> None:
     """Waits until a server a test started answers `path` with 200; fails at once if its process exits."""
     deadline = time.monotonic() + timeout_s

@@ -20,29 +20,18 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
+from conftest import free_port, port_taken
 
 pytestmark = pytest.mark.engine
 
 MODEL_ID = "smollm2-135m-instruct"
 GRACE_S = 30  # issue 19: within 30 s no process of the engine is left
 HEAD = {"node:__internal_head__": 0.001}  # the Router stays on the head node, whose loss is not tested here
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _port_taken(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 CLUSTER: dict[str, str] = {}  # this scenario's cluster: the suite's own Ray runs beside it on this machine
@@ -110,14 +99,14 @@ async def _ends(groups: dict[int, tuple[int, list[int]]], timeout_s: float = 600
         for port_, (replica, pids) in groups.items():
             if port_ not in replica_end and not _alive(replica):
                 replica_end[port_] = now
-            if port_ not in engine_end and not any(_alive(pid) for pid in pids) and not _port_taken(port_):
+            if port_ not in engine_end and not any(_alive(pid) for pid in pids) and not port_taken(port_):
                 engine_end[port_] = now
         await asyncio.sleep(0.5)
     left = [pid for _, pids in groups.values() for pid in pids if _alive(pid)]
     outlived = [engine_end.get(p, time.monotonic()) - replica_end.get(p, began) for p in groups]
     return {
         "left": left,
-        "ports_free": not any(_port_taken(p) for p in groups),
+        "ports_free": not any(port_taken(p) for p in groups),
         "s": round(max(outlived, default=0.0), 1),
     }
 
@@ -165,21 +154,21 @@ async def _scenario(facts: dict) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    dashboard_port = _free_port()
+    dashboard_port = free_port()
     cluster = Cluster(
         initialize_head=True,
         head_node_args={
             "num_cpus": 4,
             "include_dashboard": True,
             "dashboard_port": dashboard_port,
-            "gcs_server_port": _free_port(),
+            "gcs_server_port": free_port(),
         },
     )
     dashboard = f"http://127.0.0.1:{dashboard_port}"
     CLUSTER["address"] = cluster.address
     worker = cluster.add_node(num_cpus=2, resources={"llm_node": 2})
     ray.init(address=cluster.address, namespace="serve", log_to_driver=False)
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     try:
         _serve("deploy", dashboard, _config(port))
@@ -246,10 +235,10 @@ async def _scenario(facts: dict) -> None:
             _serve("shutdown", dashboard)
             facts["shutdown"] = await _ends(kept)
             for _ in range(60):
-                if not _port_taken(port):
+                if not port_taken(port):
                     break
                 await asyncio.sleep(1)
-            facts["gateway_port_free"] = not _port_taken(port)
+            facts["gateway_port_free"] = not port_taken(port)
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import time
 from urllib.parse import urlparse
 
 import httpx
 import psutil
 import pytest
-from conftest import MODEL_ID, stats
+from conftest import MODEL_ID, port_taken, stats
 
 from serve_app.engine.server_process import GRACE_S
 
@@ -34,12 +33,6 @@ def replica_process() -> psutil.Process:
     return found[0]
 
 
-def port_free(host: str, port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(1)
-        return sock.connect_ex((host, port)) != 0
-
-
 async def test_a_replica_killed_outright_leaves_no_engine_and_a_new_one_serves(gateway):
     replica = replica_process()
     engine = replica.children(recursive=True)
@@ -47,14 +40,14 @@ async def test_a_replica_killed_outright_leaves_no_engine_and_a_new_one_serves(g
     assert any("EngineCore" in " ".join(p.cmdline() or [p.name()]) for p in engine), names
     [detail] = stats(gateway)["router"]["replica_detail"]
     server = urlparse(f"http://{detail['replica']}")
-    assert not port_free(server.hostname, server.port), "the engine's server listens"
+    assert port_taken(server.port, server.hostname), "the engine's server listens"
 
     replica.send_signal(signal.SIGKILL)
     killed = time.monotonic()
     _, alive = psutil.wait_procs(engine, timeout=BOUND_S)
     left = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not left, f"left running {BOUND_S} s after the replica died: {[(p.pid, p.cmdline()[:4]) for p in left]}"
-    assert port_free(server.hostname, server.port), "the engine's port is free again"
+    assert not port_taken(server.port, server.hostname), "the engine's port is free again"
     print(f"\nengine gone {time.monotonic() - killed:.1f} s after its replica (reaper grace {GRACE_S} s)")
 
     async with httpx.AsyncClient(base_url=gateway, timeout=httpx.Timeout(120, connect=10)) as http:

@@ -18,20 +18,13 @@ import httpx
 import psutil
 import pytest
 import yaml
-from conftest import free_port
+from conftest import free_port, port_taken
 
 pytestmark = pytest.mark.engine
 
 BOUND_S = 30
 APP = "stops"
 MODEL = "smollm2-135m-instruct"
-
-
-def _port_taken(port: int) -> bool:
-    import socket
-
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _config(port: int) -> dict:
@@ -139,7 +132,7 @@ def test_serve_run_stopped_with_streams_running_leaves_no_engine(how, tmp_path):
         left = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
         gone_s = time.monotonic() - stopped
         assert not left, f"left running {BOUND_S} s after {how}: {[(p.pid, p.cmdline()[:4]) for p in left]}"
-        assert not _port_taken(engine_port) and not _port_taken(port), "the engine's port and the gateway's are free"
+        assert not port_taken(engine_port) and not port_taken(port), "the engine's port and the gateway's are free"
         for thread in streams:
             thread.join(timeout=30)
             assert not thread.is_alive(), "a client's stream ended, one way or another"
