@@ -55,7 +55,7 @@ class Driver:
 
 def main() -> None:
     concurrency = int(sys.argv[1]) if len(sys.argv) > 1 else 256
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     serve.start(proxy_location="Disabled")
     handle = serve.run(Driver.bind(AdmissionDeployment.bind(0.0, QueueConfig(), None, 60.0)), name="admission-bench")
     runs = [handle.run.remote(concurrency // 2, f"driver{i}") for i in range(2)]

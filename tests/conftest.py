@@ -64,6 +64,7 @@ def gateway() -> Iterator[str]:
     from serve_app.app import build_app
 
     ray.init(
+        address="local",  # a new Ray always: not one that /tmp/ray/ray_current_cluster names (left by a killed one)
         num_cpus=4,
         include_dashboard=False,
         namespace="serve",
