@@ -26,6 +26,7 @@ class QueueConfig(StrictModel):
     high: ClassQueueConfig = ClassQueueConfig(max_queue_len=512, max_wait_s=30.0)
     medium: ClassQueueConfig = ClassQueueConfig()
     low: ClassQueueConfig = ClassQueueConfig(max_wait_s=120.0)
+    batch: ClassQueueConfig = ClassQueueConfig(max_queue_len=1024, max_wait_s=3600.0)  # Batch API lines
     aging_s: float = Field(30.0, gt=0, description="waiting this long raises a request by one class")
 
     def limits(self) -> dict[Priority, ClassLimits]:
@@ -219,6 +220,24 @@ class HttpConfig(StrictModel):
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="a larger request body gets 413")
 
 
+class BatchConfig(StrictModel):
+    """The OpenAI Batch API (`/v1/files`, `/v1/batches`): its lines run in a class below low (docs/qos.md)."""
+
+    enabled: bool = Field(True, description="serve /v1/files and /v1/batches, with a runner on the head node")
+    directory: str | None = Field(
+        None,
+        description="where batch state (SQLite) and files live, on the head node, kept across restarts; "
+        "null: ~/.cache/serve-app/batches/<app name>",
+    )
+    max_file_bytes: int = Field(200 * 1024 * 1024, ge=1024, description="a larger upload gets 413")
+    max_in_flight: int = Field(
+        256,
+        ge=1,
+        description="batch lines queued in Admission or running at once: Admission's load model decides how many "
+        "of them run; this only bounds what waits",
+    )
+
+
 class RouterConfig(StrictModel):
     num_replicas: int = Field(1, ge=1, description="Router replicas; they share the queues through Admission")
     resources: dict[str, float] = Field(
@@ -277,6 +296,7 @@ class AppArgs(StrictModel):
     auth: AuthConfig = AuthConfig()
     http: HttpConfig = HttpConfig()
     router: RouterConfig = RouterConfig()
+    batch: BatchConfig = BatchConfig()
     drain_timeout_s: float = Field(
         DEFAULT_DRAIN_TIMEOUT_S,
         ge=0,

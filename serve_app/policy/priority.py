@@ -15,6 +15,7 @@ class Priority(IntEnum):
     HIGH = 0
     MEDIUM = 1
     LOW = 2
+    BATCH = 3  # lines of a Batch API job: only the gateway itself sends them; they never age into low
 
     @property
     def label(self) -> str:
@@ -22,6 +23,7 @@ class Priority(IntEnum):
 
 
 DEFAULT_PRIORITY = Priority.MEDIUM
+INTERACTIVE = (Priority.HIGH, Priority.MEDIUM, Priority.LOW)  # the classes a request may ask for
 
 
 class InvalidPriority(ValueError):
@@ -33,10 +35,9 @@ def parse_priority(value: Any) -> Priority:
     if value is None:
         return DEFAULT_PRIORITY
     if isinstance(value, str):
-        try:
-            return Priority[value.strip().upper()]
-        except KeyError:
-            pass
+        asked = Priority.__members__.get(value.strip().upper())
+        if asked in INTERACTIVE:
+            return asked
     raise InvalidPriority(f"invalid priority {value!r}: use one of 'high', 'medium' or 'low'")
 
 

@@ -1,4 +1,4 @@
-"""Three bounded queues with aging, and fair shares between tenants within a class: the dispatch
+"""Bounded queues per class (three interactive ones with aging, and batch below them), and fair shares between tenants within a class: the dispatch
 policy, free of Ray, HTTP and asyncio.
 
 Time is always passed in, so the policy can be tested without sleeping.
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from serve_app.policy.fairness import TenantCounters
-from serve_app.policy.priority import Priority
+from serve_app.policy.priority import INTERACTIVE, Priority
 from serve_app.policy.refusals import QueueFull
 
 
@@ -52,10 +52,10 @@ class PriorityRequestQueue:
     ) -> None:
         if aging_s <= 0:
             raise ValueError("aging_s must be positive")
-        missing = set(Priority) - set(limits)
+        missing = set(INTERACTIVE) - set(limits)
         if missing:
             raise ValueError(f"limits missing for {sorted(p.label for p in missing)}")
-        self.limits = dict(limits)
+        self.limits = {Priority.BATCH: ClassLimits(0, 1.0), **limits}  # without its own limits, batch takes none
         self.aging_s = aging_s
         self.fairness = fairness
         self._queues: dict[Priority, dict[str, deque[Waiter]]] = {p: {} for p in Priority}
@@ -117,6 +117,9 @@ class PriorityRequestQueue:
         return True
 
     def effective_rank(self, waiter: Waiter, now: float) -> float:
+        """Batch lines never age: however long they wait, interactive requests go first."""
+        if waiter.priority is Priority.BATCH:
+            return float(Priority.BATCH)
         return waiter.priority - waiter.waited(now) / self.aging_s
 
     def effective_class(self, waiter: Waiter, now: float) -> Priority:
