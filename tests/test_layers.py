@@ -24,7 +24,8 @@ def imports_of(path: pathlib.Path) -> set[str]:
 
 
 def test_the_pure_core_imports_no_ray_http_or_asyncio():
-    modules = sorted((PACKAGE / "policy").glob("*.py"))
+    """The policies, and the Batch API's formats, store and fair shares (`serve_app.batch`)."""
+    modules = sorted((PACKAGE / "policy").glob("*.py")) + sorted((PACKAGE / "batch").glob("*.py"))
     assert len(modules) > 5
     bad = {
         path.name: name
