@@ -8,14 +8,15 @@ from ray.serve import Application, Deployment
 
 from serve_app.config import AppArgs, shutdown_timeout_s
 from serve_app.deployments.admission import AdmissionDeployment
+from serve_app.deployments.batches import BatchesDeployment
 from serve_app.deployments.llm_server import LLMDeployment
 from serve_app.deployments.metrics import MetricsDeployment
 from serve_app.deployments.router import ROUTER_ACTOR_OPTIONS, RouterDeployment
 
 
 def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
-    """Routers -> LLMServer replicas; the Admission deployment shares queues and slots between Routers, and
-    the Metrics deployment collects every finished request. One parameter: `serve run` allows no other."""
+    """Routers -> LLMServer replicas; the Admission deployment shares queues and slots between Routers, the
+    Metrics deployment collects every finished request, and the Batches deployment runs the Batch API's jobs. One parameter: `serve run` allows no other."""
     return compose_app(args, LLMDeployment)
 
 
@@ -38,5 +39,6 @@ def compose_app(args: AppArgs | dict[str, Any] | None, llm_deployment: Deploymen
         if args.router.resources
         else {}
     )
+    batches = BatchesDeployment.options(**drain).bind(admission, llm, metrics, args) if args.batch.enabled else None
     router = RouterDeployment.options(num_replicas=args.router.num_replicas, **drain, **placed)
-    return router.bind(admission, llm, metrics, args)
+    return router.bind(admission, llm, metrics, args, batches)

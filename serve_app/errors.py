@@ -146,6 +146,14 @@ _REFUSALS: dict[type[Refused], tuple[int, ErrorKind]] = {
 }
 
 
+def file_too_large(size: int, limit: int) -> GatewayError:
+    return GatewayError(
+        413,
+        f"the file is {size} bytes; the limit is {limit} (batch.max_file_bytes): split it into several batches",
+        kind=ErrorKind.TOO_LARGE,
+    )
+
+
 def refusal_error(exc: Refused, message: str | None = None) -> GatewayError:
     """429 for load (retry later), 503 while no replica can serve; both with Retry-After."""
     status, kind = _REFUSALS[type(exc)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 
@@ -48,6 +49,8 @@ TEST_ARGS = {
     # A Router not heard from for 10 s is taken for dead (tests/test_router_death.py): short, for the test to
     # be quick, and still many renewals (every 3.3 s) long on a busy machine.
     "admission": {"reserved": {"high": 0}, "router_lease_s": 10},
+    # The Batch API's store: this session's own folder; a small upload limit, for the 413 to be cheap to test.
+    "batch": {"directory": tempfile.mkdtemp(prefix="serve-app-batches-"), "max_file_bytes": 64 * 1024},
 }
 
 

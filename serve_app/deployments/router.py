@@ -28,6 +28,7 @@ from serve_app.deployments.admission_client import AdmissionClient, Grant, Held,
 from serve_app.errors import ErrorKind, GatewayError
 from serve_app.http import relay
 from serve_app.http import server as http_server
+from serve_app.http.batch_routes import BatchRoutes
 from serve_app.http.request_body import checked_class, engine_body, prompt_shape
 from serve_app.http.routes import HttpApi
 from serve_app.observability import access_log
@@ -75,6 +76,7 @@ class InFlight:
     error_kind: ErrorKind | None = None  # the stream carried the engine's error event
     model: str | None = None  # the body's `model`, for the access log and the trace
     trace: RequestTrace | None = None  # its spans, when tracing is on
+    on_preempt: Callable[[], None] | None = None  # a batch line: cut it, whatever its stage (its runner retries)
 
     @property
     def admitted(self) -> bool:
@@ -137,14 +139,16 @@ class Router:
     """Dispatch, relay and retry for one Router replica; no Ray of its own, so tests run it in-process.
     `llm` and `metrics` are the LLMServer and Metrics deployments' handles (or objects that answer alike)."""
 
-    def __init__(self, admission: AdmissionClient, llm: Any, metrics: Any, args: AppArgs) -> None:
+    def __init__(self, admission: AdmissionClient, llm: Any, metrics: Any, args: AppArgs, batches: Any = None) -> None:
+        """`batches`: the Batches deployment's handle, for the Batch API's routes (None: the API is off)."""
         self.admission = admission
         self.llm = llm
         self.metrics = metrics
         self.args = args
         self.reporter = MetricsReporter(self._send_records, args.metrics_flush_s)
         self.router_id = _new_id()
-        self.http = HttpApi(self, args.auth.resolved(), args.http.max_body_bytes)
+        batch_routes = BatchRoutes(batches, args.batch.max_file_bytes, args.http.max_body_bytes)
+        self.http = HttpApi(self, args.auth.resolved(), args.http.max_body_bytes, batch_routes)
         self.tracer = RequestTracer(args.tracing) if args.tracing.enabled else None
         self.access_log = args.access_log
         if self.access_log:
@@ -272,6 +276,22 @@ class Router:
             flight.finish("completed")
         return upstream.status, payload
 
+    async def answer_line(self, endpoint: str, body: dict[str, Any], owner: str) -> tuple[int, Any, str]:
+        """A Batch API line, at the batch class and with `owner`'s fair share: (status, answer, request id).
+        Refusals raise GatewayError. A preemption cancels the calling task: nobody has seen a byte of a batch
+        line, so its runner just runs it again later."""
+        flight = self.open_flight(endpoint, body, None, None, time.monotonic())
+        flight.priority, flight.tenant = Priority.BATCH, owner or None
+        task = asyncio.current_task()
+        flight.on_preempt = task.cancel if task is not None else None
+        try:
+            upstream = await self.dispatch(flight, body)
+            status, payload = await self.whole_answer(flight, upstream)
+        except asyncio.CancelledError:
+            flight.finish("cancelled", flight.gone_kind)  # gives the slot back; the engine aborts the request
+            raise
+        return status, relay.json_or_text(payload), flight.request_id
+
     # ---- relay ---------------------------------------------------------------------------------
 
     async def relay(self, flight: InFlight, upstream: aiohttp.ClientResponse) -> AsyncGenerator[bytes, None]:
@@ -346,6 +366,11 @@ class Router:
 
     # ---- replicas' failures and preemption -----------------------------------------------------
 
+    @property
+    def holding_slots(self) -> int:
+        """This Router's requests that hold a slot now."""
+        return len(self._flights)
+
     def _running(self) -> list[Held]:
         """What this Router runs, for an Admission that restarted and lost count of it."""
         return [
@@ -359,7 +384,10 @@ class Router:
         its first byte gives it up; any other ask is ignored, and Admission stops counting on it."""
         for request_id in asked:
             flight = self._flights.get(request_id)
-            if flight is not None and flight.stage.preemptible and flight.upstream is not None:
+            if flight is not None and flight.on_preempt is not None and flight.stage is Stage.SENT:
+                flight.preempt_asked = True
+                flight.on_preempt()
+            elif flight is not None and flight.stage.preemptible and flight.upstream is not None:
                 flight.preempt_asked = True
                 flight.upstream.close()  # vLLM's server sees the hang-up and aborts the request
 
@@ -398,10 +426,15 @@ class RouterReplica(Router):
     """The Router deployment: a Router whose HTTP surface listens on the public port."""
 
     async def __init__(
-        self, admission: DeploymentHandle, llm: DeploymentHandle, metrics: DeploymentHandle, args: AppArgs
+        self,
+        admission: DeploymentHandle,
+        llm: DeploymentHandle,
+        metrics: DeploymentHandle,
+        args: AppArgs,
+        batches: DeploymentHandle | None = None,
     ) -> None:
         process_priority.restore_for_process("Router")
-        super().__init__(AdmissionClient(admission), llm, metrics, args)
+        super().__init__(AdmissionClient(admission), llm, metrics, args, batches)
         self._server = None
         if args.http.port:
             sock = http_server.bind(args.http.host, args.http.port)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any
 
-from serve_app.errors import GatewayError
+from starlette.requests import Request
+
+from serve_app.errors import ErrorKind, GatewayError
 from serve_app.policy import prefix_index
 from serve_app.policy.api_keys import KeyPolicy
 from serve_app.policy.priority import PRIORITY_FIELD, InvalidPriority, Priority, request_priority
@@ -115,3 +118,29 @@ def prompt_shape(endpoint: str, body: dict[str, Any]) -> tuple[int, tuple[int, .
         prefix_index.block_hashes(text, model if isinstance(model, str) else ""),
         max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else None,
     )
+
+
+async def read_json_body(request: Request, limit: int) -> dict[str, Any]:
+    """Reads at most `limit` bytes: a declared larger body is refused before reading, a body that turns out
+    larger while streaming in is refused as soon as it passes the limit."""
+    too_large = GatewayError(
+        413, f"the request body is larger than the limit of {limit} bytes", kind=ErrorKind.TOO_LARGE
+    )
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
+        raise GatewayError(400, f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise GatewayError(400, "the request body must be a JSON object")
+    return body

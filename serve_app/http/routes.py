@@ -6,7 +6,6 @@ method a 405 with `Allow`, both in OpenAI's error JSON, as every error here is.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -19,6 +18,8 @@ from starlette.routing import Match, Route
 from serve_app.config import ApiKeyConfig
 from serve_app.errors import ErrorKind, GatewayError, refusal_error
 from serve_app.http import server
+from serve_app.http.batch_routes import BatchRoutes
+from serve_app.http.request_body import read_json_body
 from serve_app.policy.api_keys import KeyPolicy, KeyRing, bearer
 from serve_app.policy.priority import PRIORITY_HEADER, parse_priority
 from serve_app.policy.refusals import NotReady
@@ -38,8 +39,10 @@ OPEN_PATHS = frozenset({"/health"})  # load balancers and probes carry no key
 class HttpApi:
     """The ASGI app each Router replica serves on the public port (and behind Ray's proxy, if it is on)."""
 
-    def __init__(self, router: Router, keys: Mapping[str, ApiKeyConfig], max_body_bytes: int) -> None:
-        """`keys`: API key -> its settings; none, and every caller is let in."""
+    def __init__(
+        self, router: Router, keys: Mapping[str, ApiKeyConfig], max_body_bytes: int, batches: BatchRoutes | None = None
+    ) -> None:
+        """`keys`: API key -> its settings; none, and every caller is let in. `batches`: the Batch API's routes."""
         self.router = router
         self.keys = KeyRing(
             {
@@ -50,6 +53,7 @@ class HttpApi:
             }
         )
         self.max_body_bytes = max_body_bytes
+        self.batch_api = batches or BatchRoutes(None, 0, max_body_bytes)
         self._model_list: dict[str, Any] | None = None
         self.routes = [
             Route("/v1/chat/completions", self._chat, methods=["POST"]),
@@ -60,6 +64,7 @@ class HttpApi:
             Route("/v1/stats", self._stats, methods=["GET"]),
             Route("/metrics/targets", self._targets, methods=["GET"]),
             Route("/v1/admin/routing", self._routing, methods=["GET", "PUT"]),
+            *self.batch_api.routes,
         ]
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -85,8 +90,9 @@ class HttpApi:
         scope = {**request.scope, "path": request.url.path.rstrip("/") or "/"}
         allowed: set[str] = set()
         for route in self.routes:
-            match, _ = route.matches(scope)
+            match, child_scope = route.matches(scope)
             if match is Match.FULL:
+                request.scope.update(child_scope)  # its path parameters: /v1/batches/{batch_id}
                 return route
             if match is Match.PARTIAL:
                 allowed |= route.methods or set()
@@ -193,30 +199,12 @@ class HttpApi:
 
     async def stats(self) -> dict[str, Any]:
         await self.router.reporter.flush()  # this Router's finished requests are counted before it answers
-        return await self.router.metrics.summary.remote(await self.router.admission.state())
-
-
-async def read_json_body(request: Request, limit: int) -> dict[str, Any]:
-    """Reads at most `limit` bytes: a declared larger body is refused before reading, a body that turns out
-    larger while streaming in is refused as soon as it passes the limit."""
-    too_large = GatewayError(
-        413, f"the request body is larger than the limit of {limit} bytes", kind=ErrorKind.TOO_LARGE
-    )
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-    raw = b"".join(chunks)
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
-        raise GatewayError(400, f"the request body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise GatewayError(400, "the request body must be a JSON object")
-    return body
+        state = await self.router.admission.state()
+        summary = await self.router.metrics.summary.remote(state)
+        if self.batch_api.batches is not None:
+            batch = await self.batch_api.batches.stats.remote()
+            # The slots interactive requests leave, and the share of them batch lines hold.
+            spare = state["capacity"] - (state["in_flight"] - batch["batch_lines_granted"])
+            batch["spare_slots_used"] = round(batch["batch_lines_granted"] / spare, 3) if spare > 0 else None
+            summary["batch"] = batch
+        return summary
