@@ -7,6 +7,7 @@ priority order are deterministic: the second concurrent request always waits in 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import tempfile
@@ -106,6 +107,12 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def as_from_a_terminal() -> None:
+    """A child's SIGINT as a terminal leaves it (a `preexec_fn`): the suite run in the background of a
+    non-interactive shell inherits SIGINT ignored, and then a Ctrl-C sent by a test would do nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def port_taken(port: int, host: str = "127.0.0.1") -> bool:

@@ -16,7 +16,7 @@ import httpx
 import psutil
 import pytest
 import yaml
-from conftest import APP_NAME, free_port, port_taken, wait_for
+from conftest import APP_NAME, as_from_a_terminal, free_port, port_taken, wait_for
 from test_batch_api import jsonl, nothing_running, request_line, sdk, submit, until_final
 
 pytestmark = [pytest.mark.engine, pytest.mark.destructive]
@@ -67,6 +67,7 @@ def _serve_run(config: pathlib.Path, log: pathlib.Path, port: int) -> subprocess
         stdout=log.open("a"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        preexec_fn=as_from_a_terminal,
         env={**os.environ, "RAY_ADDRESS": ""},
     )
     deadline = time.monotonic() + 900
@@ -77,7 +78,7 @@ def _serve_run(config: pathlib.Path, log: pathlib.Path, port: int) -> subprocess
                 return run
         except httpx.HTTPError:
             pass
-        assert time.monotonic() < deadline, "not serving"
+        assert time.monotonic() < deadline, f"not serving: {log.read_text()[-3000:]}"
         time.sleep(2)
 
 
@@ -88,7 +89,12 @@ def test_a_whole_gateway_killed_mid_batch_finishes_the_batch_when_started_again(
     args = {
         "llm": {
             "engine_kwargs": {"max_model_len": 2048, "max_num_seqs": 4},
-            "autoscaling": {"min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 2},
+            "autoscaling": {
+                "min_replicas": 1,
+                "max_replicas": 1,
+                "target_ongoing_requests": 1,
+                "max_ongoing_requests": 2,
+            },
         },
         "http": {"host": "127.0.0.1", "port": port},
         "batch": {"directory": str(tmp_path / "batches")},

@@ -18,7 +18,7 @@ import httpx
 import psutil
 import pytest
 import yaml
-from conftest import free_port, port_taken
+from conftest import as_from_a_terminal, free_port, port_taken
 
 pytestmark = pytest.mark.engine
 
@@ -90,6 +90,7 @@ def test_serve_run_stopped_with_streams_running_leaves_no_engine(how, tmp_path):
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,  # its own process group, as a terminal or a supervisor gives it
+        preexec_fn=as_from_a_terminal,
         env={**os.environ, "RAY_ADDRESS": ""},
     )
     try:
