@@ -38,6 +38,7 @@ def keyed(gateway, tmp_path_factory):
             "key_file": str(key_file),
         },
         "http": {"host": "127.0.0.1", "port": PORT},
+        "batch": {"directory": str(tmp_path_factory.mktemp("batches"))},
     }
     started = time.monotonic()
     serve.run(build_app(args), name=APP, route_prefix=f"/{APP}", blocking=False)
@@ -106,3 +107,34 @@ def test_openai_sdk_sends_its_key_and_gets_typed_errors(keyed):
     assert answer.choices[0].message.content is not None
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{keyed}/v1", api_key="sk-wrong", max_retries=0).chat.completions.create(**SHORT)
+
+
+def test_a_batch_and_its_files_are_seen_by_the_key_that_made_them_and_by_an_admin_only(keyed):
+    from test_batch_api import CHAT, jsonl, request_line, until_final
+
+    def client(key: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{keyed}/v1", api_key=key, max_retries=0, timeout=60)
+
+    owner, other, admin = client("sk-user"), client("sk-batch"), client("sk-admin")
+    upload = owner.files.create(file=("in.jsonl", (request_line("mine", "Hi") + "\n").encode()), purpose="batch")
+    with pytest.raises(openai.NotFoundError):
+        other.files.retrieve(upload.id)
+    with pytest.raises(openai.NotFoundError):
+        other.batches.create(input_file_id=upload.id, endpoint=CHAT, completion_window="24h")
+    batch = owner.batches.create(input_file_id=upload.id, endpoint=CHAT, completion_window="24h")
+
+    with pytest.raises(openai.NotFoundError):
+        other.batches.retrieve(batch.id)
+    with pytest.raises(openai.NotFoundError):
+        other.batches.cancel(batch.id)
+    assert batch.id not in [b.id for b in other.batches.list(limit=100).data]
+    assert upload.id not in [f.id for f in other.files.list().data]
+    assert batch.id in [b.id for b in admin.batches.list(limit=100).data]
+    assert upload.id in [f.id for f in admin.files.list().data]
+
+    done = until_final(owner, batch.id)
+    assert done.status == "completed" and done.request_counts.completed == 1, done
+    assert admin.batches.retrieve(batch.id).output_file_id == done.output_file_id
+    with pytest.raises(openai.NotFoundError):
+        other.files.content(done.output_file_id)
+    assert [line["custom_id"] for line in jsonl(owner, done.output_file_id)] == ["mine"]
