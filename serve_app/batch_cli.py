@@ -37,10 +37,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     follow.add_argument("batch_id")
     for command in (submit, follow):
         command.add_argument("--out", default=None, help="the output lines (default <batch id>.output.jsonl)")
-        command.add_argument("--errors", default=None, help="the error lines (default <batch id>.errors.jsonl)")
+        command.add_argument(
+            "--errors",
+            default=None,
+            help="the error lines (default: beside --out, as <out>.errors.jsonl; else <batch id>.errors.jsonl)",
+        )
     cancel = commands.add_parser("cancel", help="cancel a batch: no new line starts; running ones are cut")
     cancel.add_argument("batch_id")
     return parser.parse_args(argv)
+
+
+def result_paths(batch_id: str, out: str | None, errors: str | None) -> tuple[str, str]:
+    """Where the output and error lines go: the error lines beside `--out` when only that is given, so that a
+    run's results stay together."""
+    if out is None:
+        return f"{batch_id}.output.jsonl", errors or f"{batch_id}.errors.jsonl"
+    stem = out[: -len(".jsonl")] if out.endswith(".jsonl") else out
+    return out, errors or f"{stem}.errors.jsonl"
 
 
 def follow(api: openai.OpenAI, batch_id: str, out: str | None, errors: str | None) -> int:
@@ -59,10 +72,10 @@ def follow(api: openai.OpenAI, batch_id: str, out: str | None, errors: str | Non
             batch = api.batches.retrieve(batch_id)
     finally:
         bar.close()
+    out, errors = result_paths(batch_id, out, errors)
     for file_id, path in ((batch.output_file_id, out), (batch.error_file_id, errors)):
         if file_id is None:
             continue
-        path = path or f"{batch_id}.{'output' if file_id == batch.output_file_id else 'errors'}.jsonl"
         with open(path, "wb") as f:
             f.write(api.files.content(file_id).content)
         print(f"wrote {path}")

@@ -179,10 +179,12 @@ def test_the_seeds_three_patterns_through_the_client_helpers(gateway, tmp_path, 
     assert len(answers) == 3 and all(isinstance(a, str) for a in answers), answers
 
     requests = tmp_path / "requests.jsonl"
-    requests.write_text("\n".join(request_line(f"p{i}", f"Item {i}") for i in range(3)) + "\n")
+    requests.write_text("\n".join([*(request_line(f"p{i}", f"Item {i}") for i in range(3)), "{not json"]) + "\n")
     out = tmp_path / "results.jsonl"
     assert batch_cli.main(["--url", gateway, "submit", str(requests), "--out", str(out)]) == 0
     assert [json.loads(x)["custom_id"] for x in out.read_text().splitlines()] == ["p0", "p1", "p2"]
+    errors = (tmp_path / "results.errors.jsonl").read_text().splitlines()
+    assert [json.loads(x)["error"]["code"] for x in errors] == ["invalid_json"], "the bad line, beside the output"
     assert "completed" in capsys.readouterr().out
     with pytest.raises(ValueError):
         client("urgent")
