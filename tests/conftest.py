@@ -7,9 +7,11 @@ priority order are deterministic: the second concurrent request always waits in 
 from __future__ import annotations
 
 import os
+import pathlib
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -109,12 +111,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def as_from_a_terminal() -> None:
-    """A child's SIGINT as a terminal leaves it (a `preexec_fn`): the suite run in the background of a
-    non-interactive shell inherits SIGINT ignored, and then a Ctrl-C sent by a test would do nothing."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def port_taken(port: int, host: str = "127.0.0.1") -> bool:
     """Something listens on the port (a server that should have gone, when asserted false)."""
     with socket.socket() as sock:
@@ -134,6 +130,35 @@ def wait_for_server(url: str, proc: subprocess.Popen, timeout_s: float, path: st
             pass
         assert time.monotonic() < deadline, f"{url}{path} did not answer within {timeout_s:.0f}s"
         time.sleep(0.1)
+
+
+def _sigint_as_from_a_terminal() -> None:
+    """A child's SIGINT as a terminal leaves it (a `preexec_fn`): the suite run in the background of a
+    non-interactive shell inherits SIGINT ignored, and then a Ctrl-C sent by a test would do nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def serve_run(config: pathlib.Path, log: pathlib.Path, port: int, timeout_s: float = 900) -> subprocess.Popen:
+    """`serve run CONFIG` on a local Ray of its own, in its own process group with SIGINT as a terminal gives it,
+    its output appended to `log`; returns once it serves on `port`. One that never serves is killed, and the
+    failure shows its log's tail (a DEPLOY_FAILED app leaves `serve run` up, so only the log says why)."""
+    serve = os.path.join(os.path.dirname(sys.executable), "serve")
+    with log.open("a") as out:
+        run = subprocess.Popen(
+            [serve, "run", "--address", "local", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_sigint_as_from_a_terminal,
+            env={**os.environ, "RAY_ADDRESS": ""},
+        )
+    try:
+        wait_for_server(f"http://127.0.0.1:{port}", run, timeout_s)
+    except AssertionError as exc:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+        raise AssertionError(f"{exc}; the log's tail:\n{log.read_text()[-3000:]}") from None
+    return run
 
 
 def wait_until_ready(base_url: str, started: float) -> None:

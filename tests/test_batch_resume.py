@@ -6,17 +6,12 @@ is answered and each `custom_id` appears once in the output."""
 from __future__ import annotations
 
 import os
-import pathlib
 import signal
-import subprocess
-import sys
-import time
 
-import httpx
 import psutil
 import pytest
 import yaml
-from conftest import APP_NAME, as_from_a_terminal, free_port, port_taken, wait_for
+from conftest import APP_NAME, free_port, port_taken, serve_run, wait_for
 from test_batch_api import jsonl, nothing_running, request_line, sdk, submit, until_final
 
 pytestmark = [pytest.mark.engine, pytest.mark.destructive]
@@ -59,29 +54,6 @@ def until_started(client, batch_id: str) -> int:
     return client.batches.retrieve(batch_id).request_counts.completed
 
 
-def _serve_run(config: pathlib.Path, log: pathlib.Path, port: int) -> subprocess.Popen:
-    """`serve run` in its own process group, as a terminal gives it; returns once it serves."""
-    serve = os.path.join(os.path.dirname(sys.executable), "serve")
-    run = subprocess.Popen(
-        [serve, "run", "--address", "local", str(config)],
-        stdout=log.open("a"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        preexec_fn=as_from_a_terminal,
-        env={**os.environ, "RAY_ADDRESS": ""},
-    )
-    deadline = time.monotonic() + 900
-    while True:
-        assert run.poll() is None, log.read_text()[-3000:]
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
-                return run
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, f"not serving: {log.read_text()[-3000:]}"
-        time.sleep(2)
-
-
 def test_a_whole_gateway_killed_mid_batch_finishes_the_batch_when_started_again(tmp_path):
     """SIGKILL to `serve run`'s process group (the gateway, its Ray, its engine), then `serve run` again on the
     same batch folder: the batch resumes and ends with each custom_id once."""
@@ -106,7 +78,7 @@ def test_a_whole_gateway_killed_mid_batch_finishes_the_batch_when_started_again(
     log = tmp_path / "serve-run.log"
     gateway = f"http://127.0.0.1:{port}"
     ids = [f"k{i}" for i in range(12)]
-    run = _serve_run(config, log, port)
+    run = serve_run(config, log, port)
     try:
         client = sdk(gateway)
         batch_id = submit(
@@ -117,7 +89,7 @@ def test_a_whole_gateway_killed_mid_batch_finishes_the_batch_when_started_again(
         run.wait(timeout=30)
         assert wait_for(lambda: not port_taken(port), timeout_s=60), "the killed gateway's port is free"
 
-        run = _serve_run(config, log, port)
+        run = serve_run(config, log, port)
         batch = until_final(client, batch_id)
         assert batch.status == "completed" and batch.request_counts.completed == len(ids), batch
         assert done_before_kill < len(ids), "the kill came mid-batch"

@@ -18,7 +18,7 @@ import httpx
 import psutil
 import pytest
 import yaml
-from conftest import as_from_a_terminal, free_port, port_taken
+from conftest import free_port, port_taken, serve_run
 
 pytestmark = pytest.mark.engine
 
@@ -83,27 +83,9 @@ def test_serve_run_stopped_with_streams_running_leaves_no_engine(how, tmp_path):
     port = free_port()
     config = tmp_path / "stops.yaml"
     config.write_text(yaml.safe_dump(_config(port)))
-    serve = os.path.join(os.path.dirname(sys.executable), "serve")
-    log = open(tmp_path / "serve-run.log", "w")
-    run = subprocess.Popen(
-        [serve, "run", "--address", "local", str(config)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group, as a terminal or a supervisor gives it
-        preexec_fn=as_from_a_terminal,
-        env={**os.environ, "RAY_ADDRESS": ""},
-    )
+    serve = os.path.join(os.path.dirname(sys.executable), "serve")  # for `serve shutdown`
+    run = serve_run(config, tmp_path / "serve-run.log", port)
     try:
-        deadline = time.monotonic() + 900
-        while True:
-            assert run.poll() is None, (tmp_path / "serve-run.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "not serving"
-            time.sleep(2)
         answer = httpx.post(
             f"http://127.0.0.1:{port}/v1/chat/completions",
             json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
@@ -147,4 +129,3 @@ def test_serve_run_stopped_with_streams_running_leaves_no_engine(how, tmp_path):
     finally:
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
-        log.close()
